@@ -266,13 +266,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
-            if part.isdigit() and isinstance(node, list):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {item!r}: no list item {part!r}")
                 node = node[int(part)]
                 continue
-            if not isinstance(node.get(part), dict):
+            if not isinstance(node.get(part), (dict, list)):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = value
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"override {item!r}: no list item {last!r}")
+            node[int(last)] = value
+        else:
+            node[last] = value
     return data
 
 

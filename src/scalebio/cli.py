@@ -1,0 +1,66 @@
+"""`scalebio <command>`: the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError, RunConfig, describe, load_config
+
+log = logging.getLogger("scalebio")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _reweight(args: argparse.Namespace) -> int:
+    from .reweight import run_reweight
+
+    cfg = load_config(args.config, args.overrides, RunConfig)
+    record = run_reweight(cfg, stop_after=args.stop_after, progress=not args.no_progress)
+    if record is not None:
+        top = sorted(record["weights"].items(), key=lambda kv: -kv[1])
+        log.info("weights written to %s/weights.json: %s", cfg.run_dir, ", ".join(f"{k}={v:.4f}" for k, v in top))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scalebio", description="ScaleBiO: learn data-source weights by first-order bilevel optimisation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (shows every LISA switch)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rw = sub.add_parser(
+        "reweight",
+        help="learn source weights (writes a run directory with weights.json)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run ScaleBiO on the sources a config names. Resumes from the newest checkpoint in run_dir.",
+        epilog="config fields (set in the YAML or as key=value overrides, e.g. solver.alpha=100):\n" + "\n".join(describe(RunConfig)),
+    )
+    rw.add_argument("config", help="YAML run config")
+    rw.add_argument("overrides", nargs="*", help="dotted key=value overrides, values parsed as YAML")
+    rw.add_argument("--stop-after", type=int, default=None, help="stop after this many completed steps (the run can be resumed)")
+    rw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rw.set_defaults(func=_reweight)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        log.error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""`scalebio finetune`: plain supervised fine-tuning (full or LISA) of one model on one data file.
+
+Same model loading, tokenisation and per-example response-token loss as the solver; the step is the
+solver's w-update without the validation term: minimise the mean per-example loss with AdamW.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from .config import ConfigError, LisaConfig, ModelConfig, SourceConfig, TokenizerConfig, save_config
+from .lisa import Lisa
+from .models import build_model, load_tokenizer
+from .results import RunDir, git_revision, hardware, package_versions, write_json
+from .solver import CausalLMObjective, NonFiniteLossError, lr_shape
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run."""
+
+    output_dir: str = "runs/finetune"
+    """Gets config.yaml, meta.json, metrics.jsonl and model/ (the trained model and tokenizer)."""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: SourceConfig = field(default_factory=lambda: SourceConfig(name="train"))
+    """The training file (e.g. the output of ``scalebio resample``)."""
+    max_length: int = 512
+    epochs: float = 1.0
+    steps: int | None = None
+    """Optimizer steps; ``null`` = epochs × examples // global_batch."""
+    global_batch: int = 64
+    micro_batch: int = 8
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    schedule: str = "cosine"
+    clip_grad_norm: float | None = 1.0
+    lisa: LisaConfig = field(default_factory=LisaConfig)
+    save_model: bool = True
+    threads: int | None = None
+    source_file: str | None = field(default=None, metadata={"internal": True})
+
+    def resolve_path(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        if p.is_absolute() or self.source_file is None:
+            return p
+        return Path(self.source_file).parent / p
+
+
+def validate_finetune_config(cfg: FinetuneConfig) -> None:
+    if not (cfg.train.path or cfg.train.hub_dataset):
+        raise ConfigError("train.path: required")
+    if cfg.global_batch % cfg.micro_batch:
+        raise ConfigError(f"global_batch: {cfg.global_batch} is not a multiple of micro_batch {cfg.micro_batch}")
+    chosen = [k for k in ("name_or_path", "gguf_package", "architecture") if getattr(cfg.model, k)]
+    if len(chosen) != 1:
+        raise ConfigError("model: set exactly one of name_or_path, gguf_package, architecture")
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """save_pretrained, also for a GGUF-loaded model (which refuses it): rebuild a plain model of the same
+    class from its config without the quantization entry and copy the weights in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if getattr(model.config, "quantization_config", None) is not None or getattr(model, "hf_quantizer", None) is not None:
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = type(model)(config)
+        plain.load_state_dict(model.state_dict())
+        model = plain
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
+def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
+    """Train and save; returns the model folder."""
+    validate_finetune_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = RunDir(cfg.output_dir)
+    save_config(cfg, run.path / "config.yaml")
+    (run.path / "metrics.jsonl").unlink(missing_ok=True)
+    tokenizer = load_tokenizer(cfg)  # type: ignore[arg-type]  (same fields as RunConfig's)
+    records = data_mod.load_source(cfg.train, cfg)  # type: ignore[arg-type]
+    if not records:
+        raise ConfigError(f"{cfg.train.path}: no training records")
+    fmt = cfg.train.format if cfg.train.format != "auto" else data_mod.detect_format(records[0])
+    examples = []
+    truncated = 0
+    for i, rec in enumerate(records):
+        data_mod.check_record(rec, fmt, f"{cfg.train.path}: record {i}")
+        ids, labels, cut = data_mod.tokenize_record(rec, fmt, tokenizer, cfg.max_length)
+        truncated += cut
+        if any(x != -100 for x in labels):
+            examples.append(data_mod.Example(ids, labels, 0))
+    if not examples:
+        raise ConfigError(f"{cfg.train.path}: every example lost its response to truncation (max_length {cfg.max_length})")
+    model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.seed)
+    model.train()
+    opt = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lisa = Lisa(model, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, 1, cfg.lisa.keep_all_state) if cfg.lisa.enabled else None
+    objective = CausalLMObjective()
+    steps = cfg.steps or max(1, int(cfg.epochs * len(examples)) // cfg.global_batch)
+    rng = np.random.default_rng(cfg.seed)
+    order, cursor = rng.permutation(len(examples)), 0
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    for step in tqdm(range(steps), desc="scalebio finetune", disable=not progress, dynamic_ncols=True):
+        if lisa is not None:
+            lisa.update(step, opt)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_shape(step, steps, cfg.warmup_ratio, cfg.schedule)
+        picks = []
+        while len(picks) < cfg.global_batch:
+            if cursor == len(order):
+                order, cursor = rng.permutation(len(examples)), 0
+            take = order[cursor:cursor + cfg.global_batch - len(picks)]
+            picks.extend(int(i) for i in take)
+            cursor += len(take)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in range(0, len(picks), cfg.micro_batch):
+            batch = data_mod.collate([examples[j] for j in picks[i:i + cfg.micro_batch]], tokenizer.pad_token_id)
+            ell = objective.per_example_loss(model, batch)
+            if not torch.isfinite(ell).all():
+                raise NonFiniteLossError(step, "fine-tuning loss", float(ell[~torch.isfinite(ell)][0]))
+            (ell.sum() / len(picks)).backward()
+            total += float(ell.detach().sum())
+        if cfg.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad_norm)
+        opt.step()
+        run.append("metrics.jsonl", {"step": step, "train_loss": total / len(picks), "lr": opt.param_groups[0]["lr"],
+                                     "active_blocks": list(lisa.active) if lisa else None})
+    folder = run.path / "model"
+    if cfg.save_model:
+        save_model(model, tokenizer, folder)
+    write_json(run.path / "meta.json", {
+        "status": "finished", "seed": cfg.seed, "steps": steps, "examples": len(examples), "truncated": truncated,
+        "versions": package_versions(), "git_revision": git_revision(), "hardware": hardware(),
+        "wall_time_s": time.time() - t0,
+    })
+    return folder

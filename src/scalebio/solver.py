@@ -1,0 +1,280 @@
+"""The ScaleBiO step (method.md §3), model-agnostic.
+
+The solver needs two copies of a module (u and w) and an objective that gives a per-example training loss
+and a validation loss; the causal-LM response-token loss is one such objective, a convex model in the
+tests is another, and both run this very code.
+
+    u ← u − η_u ∇u L2(λ, u; B)                                  (method.md §3, line 1)
+    w ← w − η_w [ ∇w L1(w; V) + α ∇w L2(λ, w; B) ]              (method.md §3, line 2)
+    λ ← λ − η_λ · α [ ∇λ L2(λ, w; B) − ∇λ L2(λ, u; B) ]         (method.md §3, line 3)
+
+All gradients are taken at the same (u, w, λ) before any of the three optimizers steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SolverConfig
+from .lisa import Lisa
+from .weights import mixture_loss, source_counts, source_sums
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, step: int, which: str, value: float):
+        super().__init__(f"non-finite {which} ({value}) at step {step}; stopped, the last good checkpoint is kept")
+        self.step, self.which, self.value = step, which, value
+
+
+Batch = dict[str, torch.Tensor]
+
+
+class Objective(Protocol):
+    def per_example_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """ℓ(model; a_j) for each example of the batch: [b]."""
+
+    def validation_loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the validation losses in the batch, how many terms): scalars; L1 = total sum / total count."""
+
+    def validation_terms(self, batch: Batch) -> int:
+        """How many terms ``validation_loss`` sums over in this batch (known before any forward pass)."""
+
+
+class CausalLMObjective:
+    """Token cross-entropy of a causal LM on labelled tokens (labels −100 elsewhere).
+
+    Training: each example's mean over its response tokens (method.md §3, "per-example loss").
+    Validation: token-mean over all labelled tokens of the validation batch.
+    """
+
+    @staticmethod
+    def token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token CE [b, T−1] (0 where unlabelled) and the mask [b, T−1]."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none")
+        mask = labels != -100
+        return ce.view(labels.shape) * mask, mask
+
+    def per_example_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        ce, mask = self.token_losses(model, batch)
+        return ce.sum(1) / mask.sum(1).clamp(min=1)
+
+    def validation_loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        ce, mask = self.token_losses(model, batch)
+        return ce.sum(), mask.sum()
+
+    def validation_terms(self, batch: Batch) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def lr_shape(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
+    """Learning-rate multiplier at ``step`` (0-based) of ``total``: linear warmup, then cosine to 0 or constant."""
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class StepStats:
+    val_loss: float
+    train_loss_u: float
+    train_loss_w: float
+    source_loss_u: list[float]
+    source_loss_w: list[float]
+    source_counts: list[int]
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if _world() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _all_reduce_grads(params: Sequence[nn.Parameter]) -> None:
+    """Sum gradients over ranks: each rank's loss is its share of the global-batch objective."""
+    if _world() == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+
+
+class ScaleBiO:
+    """Holds u, w, λ and their AdamW optimizers; ``step`` performs one update of method.md §3.
+
+    ``lisa_u``/``lisa_w`` (optional) restrict training to the active blocks and keep optimizer state only
+    for them. Learning rates and α are set per step by the caller (``set_schedule``).
+    """
+
+    def __init__(self, u: nn.Module, w: nn.Module, objective: Objective, num_sources: int, cfg: SolverConfig,
+                 lisa_u: Lisa | None = None, lisa_w: Lisa | None = None):
+        self.u, self.w, self.objective, self.k, self.cfg = u, w, objective, num_sources, cfg
+        self.lisa_u, self.lisa_w = lisa_u, lisa_w
+        # λ in float64: it has k entries, and the weights are the product.
+        self.lam = nn.Parameter(torch.zeros(num_sources, dtype=torch.float64))
+        adam = dict(betas=tuple(cfg.betas), eps=cfg.eps)
+        self.opt_u = torch.optim.AdamW(list(u.parameters()), lr=cfg.lr_u, weight_decay=cfg.weight_decay_u, **adam)
+        self.opt_w = torch.optim.AdamW(list(w.parameters()), lr=cfg.lr_w, weight_decay=cfg.weight_decay_w, **adam)
+        self.opt_lam = torch.optim.AdamW([self.lam], lr=cfg.lr_lambda, weight_decay=cfg.weight_decay_lambda, **adam)
+        self.alpha = cfg.alpha
+        self.step_index = 0
+        u.train()
+        w.train()
+
+    # -- schedule ------------------------------------------------------------------------------------------
+    def set_schedule(self, shape: float, alpha: float) -> None:
+        """Scale every optimizer's peak learning rate by the same shape (method.md §3) and set α."""
+        for opt, peak in ((self.opt_u, self.cfg.lr_u), (self.opt_w, self.cfg.lr_w), (self.opt_lam, self.cfg.lr_lambda)):
+            for group in opt.param_groups:
+                group["lr"] = peak * shape
+        self.alpha = alpha
+
+    def begin_step(self, step: int, steps_per_outer: int) -> float:
+        """Set learning rates, α (× τ per outer iteration) and LISA blocks for global step ``step``; returns α."""
+        cfg = self.cfg
+        outer, t = divmod(step, steps_per_outer)
+        alpha = cfg.alpha * cfg.tau ** outer
+        self.set_schedule(lr_shape(t, steps_per_outer, cfg.warmup_ratio, cfg.schedule), alpha)
+        self.update_lisa(step)
+        return alpha
+
+    def update_lisa(self, step: int) -> bool:
+        changed = False
+        if self.lisa_u is not None:
+            changed |= self.lisa_u.update(step, self.opt_u)
+        if self.lisa_w is not None:
+            changed |= self.lisa_w.update(step, self.opt_w)
+        return changed
+
+    def weights(self) -> torch.Tensor:
+        """p = softmax(λ): [k]."""
+        return torch.softmax(self.lam.detach(), dim=0)
+
+    # -- one step ------------------------------------------------------------------------------------------
+    def step(self, train: Sequence[Batch], val: Sequence[Batch]) -> StepStats:
+        """One ScaleBiO update from a training batch B and a validation batch V, each given as this rank's
+        micro-batches. Every training micro-batch carries ``source`` [b]; n_i is counted over the global
+        batch (all micro-batches, all ranks)."""
+        k, alpha, step = self.k, self.alpha, self.step_index
+        p = self.weights()
+        counts = _all_reduce(sum(source_counts(mb["source"], k) for mb in train))
+        val_terms = torch.zeros((), dtype=torch.float64)
+        for mb in val:
+            val_terms += float(self.objective.validation_terms(mb))
+        val_terms = _all_reduce(val_terms)
+
+        self.opt_u.zero_grad(set_to_none=True)
+        self.opt_w.zero_grad(set_to_none=True)
+        self.opt_lam.zero_grad(set_to_none=True)
+
+        # u on B: ∇u L2(λ, u; B)                                              (method.md §3, line 1)
+        sums_u = torch.zeros(k, dtype=torch.float64)
+        for mb in train:
+            ell = self.objective.per_example_loss(self.u, mb)
+            self._check(ell, "training loss under u", step)
+            mixture_loss(ell, mb["source"], p, counts).backward()
+            sums_u += source_sums(ell.detach().double(), mb["source"], k)
+
+        # w on V and B: ∇w [L1(w; V) + α L2(λ, w; B)]                          (method.md §3, line 2)
+        val_sum = torch.zeros((), dtype=torch.float64)
+        for mb in val:
+            total, _ = self.objective.validation_loss(self.w, mb)
+            self._check(total, "validation loss under w", step)
+            (total / val_terms.to(total.dtype)).backward()
+            val_sum += total.detach().double()
+        sums_w = torch.zeros(k, dtype=torch.float64)
+        for mb in train:
+            ell = self.objective.per_example_loss(self.w, mb)
+            self._check(ell, "training loss under w", step)
+            (alpha * mixture_loss(ell, mb["source"], p, counts)).backward()
+            sums_w += source_sums(ell.detach().double(), mb["source"], k)
+
+        sums_u, sums_w, val_sum = _all_reduce(sums_u), _all_reduce(sums_w), _all_reduce(val_sum)
+        present = counts > 0
+        mean_u = torch.where(present, sums_u / counts.clamp(min=1), torch.zeros_like(sums_u))
+        mean_w = torch.where(present, sums_w / counts.clamp(min=1), torch.zeros_like(sums_w))
+
+        # λ: α [∇λ L2(λ, w; B) − ∇λ L2(λ, u; B)]                              (method.md §3, line 3)
+        self.lambda_objective(mean_w, mean_u, val_sum / val_terms.clamp(min=1)).backward()
+
+        params_u = [q for q in self.u.parameters() if q.requires_grad]
+        params_w = [q for q in self.w.parameters() if q.requires_grad]
+        _all_reduce_grads(params_u)
+        _all_reduce_grads(params_w)
+        if self.cfg.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params_u, self.cfg.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params_w, self.cfg.clip_grad_norm)
+        # Simultaneous updates: all gradients above were taken at the same (u, w, λ).
+        self.opt_u.step()
+        self.opt_w.step()
+        self.opt_lam.step()
+        self.step_index += 1
+
+        return StepStats(
+            val_loss=float(val_sum / val_terms.clamp(min=1)),
+            train_loss_u=float((p * mean_u).sum()),
+            train_loss_w=float((p * mean_w).sum()),
+            source_loss_u=mean_u.tolist(),
+            source_loss_w=mean_w.tolist(),
+            source_counts=[int(c) for c in counts.tolist()],
+        )
+
+    def lambda_objective(self, mean_w: torch.Tensor, mean_u: torch.Tensor, val_loss: torch.Tensor) -> torch.Tensor:
+        """The scalar whose λ-gradient is α [∇λ L2(λ, w) − ∇λ L2(λ, u)] = α J (ℓ^w − ℓ^u), J = diag(p) − p pᵀ.
+
+        mean_w, mean_u [k]: per-source mean losses on B (0 for a source absent from B, so it has no term).
+        Only these means enter; autograd through softmax supplies J. ``val_loss`` is unused by the method
+        (the upper level reaches λ only through w); it is passed so tests can build broken variants.
+        """
+        return self.alpha * (torch.softmax(self.lam, dim=0) * (mean_w - mean_u).detach()).sum()
+
+    @staticmethod
+    def _check(t: torch.Tensor, which: str, step: int) -> None:
+        if not torch.isfinite(t).all():
+            bad = t[~torch.isfinite(t)].flatten()[0].item() if t.dim() else t.item()
+            raise NonFiniteLossError(step, which, bad)
+
+    # -- checkpointing -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "u": self.u.state_dict(),
+            "w": self.w.state_dict(),
+            "lam": self.lam.detach().clone(),
+            "opt_u": self.opt_u.state_dict(),
+            "opt_w": self.opt_w.state_dict(),
+            "opt_lam": self.opt_lam.state_dict(),
+            "alpha": self.alpha,
+            "step_index": self.step_index,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict``: the optimizers' parameter lists are first put back as they were when it
+        was saved (the LISA blocks of the last completed step), so their state lines up."""
+        self.u.load_state_dict(state["u"])
+        self.w.load_state_dict(state["w"])
+        with torch.no_grad():
+            self.lam.copy_(state["lam"])
+        self.step_index = state["step_index"]
+        if self.step_index > 0:
+            self.update_lisa(self.step_index - 1)
+        self.opt_u.load_state_dict(state["opt_u"])
+        self.opt_w.load_state_dict(state["opt_w"])
+        self.opt_lam.load_state_dict(state["opt_lam"])
+        self.alpha = state["alpha"]

@@ -1,0 +1,180 @@
+"""End-to-end `scalebio reweight` on a tiny random GPT-2: outputs, resume, bad input, denoising."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import alpaca_records, tiny_run_config, write_jsonl
+from scalebio.cli import main
+from scalebio.config import load_config
+from scalebio.data import DataError
+from scalebio.reweight import Reweighting, run_reweight
+from scalebio.solver import NonFiniteLossError
+from scalebio.weights import load_probabilities
+
+
+def test_run_directory_contents(tmp_path):
+    cfg = load_config(tiny_run_config(tmp_path))
+    record = run_reweight(cfg, progress=False)
+    run = Path(cfg.run_dir)
+    for name in ("config.yaml", "meta.json", "data.json", "metrics.jsonl", "weights.jsonl", "weights.json"):
+        assert (run / name).is_file(), name
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    for key in ("val_loss", "train_loss_u", "train_loss_w", "train_loss_gap", "lr_u", "lr_w", "lr_lambda", "alpha", "active_blocks_u"):
+        assert key in metrics[0]
+    weights = json.loads((run / "weights.json").read_text())
+    assert weights == record
+    assert abs(sum(weights["weights"].values()) - 1) < 1e-12
+    assert weights["provenance"]["data_files"]["noise_0.00"]["sha256"]
+    assert load_probabilities(run / "weights.json") == pytest.approx(weights["probabilities"])
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["status"] == "finished" and meta["versions"]["torch"] and meta["wall_time_s"] > 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["solver"]["steps"] == 4
+
+
+def test_interleave_datasets_accepts_the_weights(tmp_path):
+    import datasets
+
+    cfg = load_config(tiny_run_config(tmp_path))
+    run_reweight(cfg, progress=False)
+    probs = load_probabilities(Path(cfg.run_dir) / "weights.json")
+    parts = [datasets.Dataset.from_list([{"x": i}] * 10) for i in range(2)]
+    mixed = datasets.interleave_datasets(parts, probabilities=probs, seed=0)
+    assert len(mixed) > 0
+
+
+@pytest.mark.parametrize("lisa", [False, True])
+def test_resume_gives_identical_weights(tmp_path, lisa):
+    """A run stopped after step 2 and resumed ends with the same weights as an uninterrupted run (bitwise λ
+    and weights; only the provenance timestamp may differ)."""
+    extra = {"lisa": {"enabled": True, "gamma": 1, "interval": 1}} if lisa else {}
+    full_cfg = load_config(tiny_run_config(tmp_path / "a", **extra), [f"run_dir={tmp_path / 'a' / 'run'}"])
+    full = run_reweight(full_cfg, progress=False)
+    cut_cfg = load_config(tiny_run_config(tmp_path / "b", **extra), [f"run_dir={tmp_path / 'b' / 'run'}"])
+    assert run_reweight(cut_cfg, stop_after=2, progress=False) is None
+    assert not (Path(cut_cfg.run_dir) / "weights.json").exists()
+    resumed = run_reweight(cut_cfg, progress=False)
+    assert resumed["lambda"] == full["lambda"] and resumed["weights"] == full["weights"]
+    lines = (Path(cut_cfg.run_dir) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0, 1, 2, 3]
+    full_metrics = (Path(full_cfg.run_dir) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["val_loss"] for x in lines] == [json.loads(x)["val_loss"] for x in full_metrics]
+
+
+def test_denoising_weights_fall_with_noise(tmp_path):
+    """Tiny random GPT-2, four sources of rising noise: weights strictly decrease, the clean one ends above 1/k."""
+    noises = (0.0, 0.33, 0.67, 1.0)
+    path = tiny_run_config(tmp_path, noises=noises, n=64, n_val=32,
+                           solver={"steps": 40, "global_batch": 16, "micro_batch": 16, "lr_u": 3e-3, "lr_w": 3e-3,
+                                   "lr_lambda": 5e-2, "alpha": 10.0, "schedule": "constant", "weight_decay_lambda": 0.0},
+                           checkpoint_every=100)
+    record = run_reweight(load_config(path), progress=False)
+    w = [record["weights"][f"noise_{n:.2f}"] for n in noises]
+    assert all(a > b for a, b in zip(w, w[1:])), w
+    assert w[0] > 1 / len(noises)
+
+
+# -- bad input: a clear error naming the file and line/field, and no partial output --------------------
+
+
+def _no_outputs(run_dir: Path):
+    assert not (run_dir / "weights.json").exists()
+    assert not list((run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").exists() else True
+
+
+def test_missing_source_file(tmp_path):
+    cfg = load_config(tiny_run_config(tmp_path), ["data.sources.0.path=data/missing.jsonl"])
+    with pytest.raises(DataError, match=r"missing.jsonl: file not found"):
+        run_reweight(cfg, progress=False)
+    _no_outputs(Path(cfg.run_dir))
+
+
+def test_malformed_jsonl_line(tmp_path):
+    path = tiny_run_config(tmp_path)
+    src = tmp_path / "data" / "s1.jsonl"
+    lines = src.read_text().splitlines()
+    lines[4] = '{"instruction": "broken'
+    src.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"s1.jsonl:5: malformed JSON"):
+        run_reweight(load_config(path), progress=False)
+
+
+def test_record_missing_field(tmp_path):
+    path = tiny_run_config(tmp_path)
+    records = alpaca_records(8, 0)
+    del records[3]["output"]
+    write_jsonl(tmp_path / "data" / "s0.jsonl", records)
+    with pytest.raises(DataError, match=r"s0.jsonl.*record 3.*'output'"):
+        run_reweight(load_config(path), progress=False)
+
+
+def test_empty_source(tmp_path):
+    path = tiny_run_config(tmp_path)
+    (tmp_path / "data" / "s1.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"s1.jsonl.*empty|noise_0.50.*empty"):
+        run_reweight(load_config(path), progress=False)
+
+
+def test_source_empty_after_decontamination(tmp_path):
+    path = tiny_run_config(tmp_path)
+    write_jsonl(tmp_path / "data" / "val.jsonl", alpaca_records(32, seed=1, prefix="s1"))  # = source s1's prompts
+    with pytest.raises(DataError, match=r"noise_0.50.*decontamination"):
+        run_reweight(load_config(path), progress=False)
+
+
+def test_source_empty_after_truncation(tmp_path):
+    path = tiny_run_config(tmp_path)
+    recs = [{"instruction": "word " * 200, "input": "", "output": "answer"} for _ in range(4)]
+    write_jsonl(tmp_path / "data" / "s1.jsonl", recs)
+    with pytest.raises(DataError, match=r"noise_0.50.*truncat"):
+        run_reweight(load_config(path), progress=False)
+
+
+def test_empty_validation_set(tmp_path):
+    path = tiny_run_config(tmp_path)
+    (tmp_path / "data" / "val.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"val.jsonl.*empty|validation.*empty"):
+        run_reweight(load_config(path), progress=False)
+
+
+def test_gamma_not_smaller_than_blocks(tmp_path):
+    cfg = load_config(tiny_run_config(tmp_path), ["lisa.enabled=true", "lisa.gamma=2"])
+    with pytest.raises(ValueError, match=r"lisa.gamma: 2 must be .* smaller than the number of blocks \(2\)"):
+        Reweighting(cfg)
+
+
+def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = load_config(tiny_run_config(tmp_path), ["solver.steps=6"])
+    rw = Reweighting(cfg)
+    original = rw.solver.objective.per_example_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        out = original(model, batch)
+        calls["n"] += 1
+        if rw.solver.step_index == 3:
+            out = out * float("nan")
+        return out
+
+    monkeypatch.setattr(rw.solver.objective, "per_example_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss under u \(nan\) at step 3"):
+        rw.run_loop(progress=False)
+    ckpts = sorted(p.name for p in (Path(cfg.run_dir) / "checkpoints").glob("*"))
+    assert ckpts == ["step_0000002.pt"]
+    assert not (Path(cfg.run_dir) / "weights.json").exists()
+
+
+def test_cli_reweight_and_help(tmp_path, capsys):
+    path = tiny_run_config(tmp_path)
+    assert main(["reweight", str(path), "solver.steps=2", "--no-progress"]) == 0
+    assert (tmp_path / "run" / "weights.json").is_file()
+    with pytest.raises(SystemExit):
+        main(["reweight", "--help"])
+    out = capsys.readouterr().out
+    assert "solver.alpha" in out and "lisa.interval" in out and "--stop-after" in out
+    assert main(["reweight", str(tmp_path / "nope.yaml")]) == 1
