@@ -25,3 +25,16 @@ test: ## run the test suite (CPU, offline, a few minutes)
 
 clean: ## remove run outputs of tests and local runs (not results/)
 	rm -rf runs .pytest_cache
+
+.PHONY: reproduce-gpt2 figures bench
+reproduce-gpt2: setup ## the three GPT-2 experiments end to end (CPU preset: under 60 min on 2 cores), then tables and figures
+	$(BIN)/python experiments/gpt2/pipeline.py denoising
+	$(BIN)/python experiments/gpt2/pipeline.py multilingual
+	$(BIN)/python experiments/gpt2/pipeline.py instruction_following
+	$(MAKE) figures
+
+figures: ## rebuild every table and figure from results/ alone (seconds)
+	$(BIN)/python experiments/gpt2/report.py
+
+verify: figures ## rebuild tables and figures from results/ and fail on any difference from the committed ones
+	git diff --exit-code -- results figures README.md

@@ -65,7 +65,8 @@ class ModelSpec:
             model = LlamaForCausalLM(cfg)
         elif self.arch == "gpt2":
             cfg = GPT2Config(vocab_size=self.vocab, n_embd=d, n_layer=self.blocks, n_head=max(1, d // 64),
-                             n_positions=max(64, self.seq_len), tie_word_embeddings=True)
+                             n_positions=max(64, self.seq_len), tie_word_embeddings=True, bos_token_id=0,
+                             eos_token_id=0)
             model = GPT2LMHeadModel(cfg)
         else:
             raise ValueError(f"unknown arch {self.arch!r}")
@@ -176,7 +177,6 @@ def machine_info() -> dict:
 
 
 def timed(fn: Callable[[], None]) -> float:
-    gc.collect()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -184,12 +184,12 @@ def timed(fn: Callable[[], None]) -> float:
 
 def interleaved_times(variants: dict[str, Callable[[], None]], warmup: int, reps: int) -> dict[str, list[float]]:
     """Run every variant once per repetition, in turn, so drift from other load on the machine hits all alike.
-    Returns the timed repetitions (warm-up dropped) per variant, in seconds."""
+    Returns the timed repetitions (warm-up dropped) per variant, in seconds. The cyclic garbage collector is
+    off while timing (reference counting still frees every tensor at once), so no collection pause lands
+    inside one variant's time."""
     out: dict[str, list[float]] = {name: [] for name in variants}
-    # Objects alive now (models, the transformers modules) go to the permanent generation, so the collection
-    # before each timed call only walks what the steps made (a full collection costs 0.1-0.3 s here).
     gc.collect()
-    gc.freeze()
+    gc.disable()
     try:
         for r in range(warmup + reps):
             for name, fn in variants.items():
@@ -197,7 +197,7 @@ def interleaved_times(variants: dict[str, Callable[[], None]], warmup: int, reps
                 if r >= warmup:
                     out[name].append(t)
     finally:
-        gc.unfreeze()
+        gc.enable()
     return out
 
 

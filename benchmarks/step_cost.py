@@ -1,5 +1,5 @@
 """Step cost (issue items 1 and 4): a ScaleBiO step ÷ a plain SFT step on the same model and tokens, with and
-without LISA, at several widths; and, at the headline width, the components that set the floor.
+without LISA, at several widths, with the components that set the floor.
 
 Per width, in one process, interleaved repetition by repetition:
   sft              AdamW on one full copy, loss = mean per-example response-token loss, fwd+bwd+step
@@ -8,7 +8,7 @@ Per width, in one process, interleaved repetition by repetition:
   *_fused_w        (headline width only) the FusedWScaleBiO prototype: w's two passes as one
 The validation batch V has as many examples and tokens as the training batch B.
 
-Components (headline width): one fwd+bwd of the per-example loss with all parameters trainable
+Components (every width): one fwd+bwd of the per-example loss with all parameters trainable
 (``pass_full``) and with only LISA's active set trainable (``pass_lisa``), and one AdamW step over all
 parameters (``adam_full``) and over the active set (``adam_lisa``). The floor of the ratio is
 (3·pass + 2·adam) / (pass_full + adam_full).
@@ -90,8 +90,7 @@ def run(arch: str, widths: list[int], headline: int, blocks: int, batch: int, se
             "variants": summarize(interleaved_times(variants, warmup, reps), "sft"),
         }
         del sft, runners, variants
-        if width == headline:
-            entry["components"] = components(spec, train[0], warmup, reps)
+        entry["components"] = components(spec, train[0], warmup, reps)
         results.append(entry)
     return {
         "arch": arch,

@@ -29,6 +29,25 @@ def _reweight(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resample(args: argparse.Namespace) -> int:
+    from .resample import pool_from_run, resample
+
+    pool = pool_from_run(args.run_dir)
+    weights = None if args.uniform else (args.weights or f"{args.run_dir}/weights.json")
+    manifest = resample(weights, pool, args.n, args.seed, args.out)
+    log.info("wrote %d examples to %s: %s", args.n, args.out, manifest["counts"])
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    cfg = load_config(args.config, args.overrides, FinetuneConfig)
+    folder = finetune(cfg, progress=not args.no_progress)
+    log.info("model saved to %s", folder)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalebio", description="ScaleBiO: learn data-source weights by first-order bilevel optimisation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (shows every LISA switch)")
@@ -46,6 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--stop-after", type=int, default=None, help="stop after this many completed steps (the run can be resumed)")
     rw.add_argument("--no-progress", action="store_true", help="no progress bar")
     rw.set_defaults(func=_reweight)
+
+    rs = sub.add_parser("resample", help="draw N examples from a reweighting run's sources by its learned weights (or uniformly)",
+                        description="Sources and decontamination come from RUN_DIR/config.yaml; the output JSONL gets a "
+                                    "'source' field per record and a .manifest.json naming the weights file.")
+    rs.add_argument("run_dir", help="a `scalebio reweight` run directory")
+    rs.add_argument("--n", type=int, required=True, help="how many examples to draw")
+    rs.add_argument("--seed", type=int, default=0, help="draws are a pure function of the seed")
+    rs.add_argument("--out", required=True, help="output JSONL")
+    rs.add_argument("--weights", default=None, help="weights file (default RUN_DIR/weights.json)")
+    rs.add_argument("--uniform", action="store_true", help="uniform weights over the same sources (the baseline)")
+    rs.set_defaults(func=_resample)
+
+    from .config import describe as _describe
+    from .finetune import FinetuneConfig
+
+    ft = sub.add_parser("finetune", help="supervised fine-tuning (full or LISA) on one data file",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="config fields:\n" + "\n".join(_describe(FinetuneConfig)))
+    ft.add_argument("config", help="YAML fine-tuning config")
+    ft.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    ft.add_argument("--no-progress", action="store_true")
+    ft.set_defaults(func=_finetune)
     return parser
 
 

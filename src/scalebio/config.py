@@ -74,6 +74,8 @@ class SourceConfig:
 class DataConfig:
     """Training sources, the validation set, and the sets to decontaminate against."""
 
+    root: str | None = None
+    """Folder that relative data paths start from (itself relative to the config file's folder); default: that folder."""
     sources: list[SourceConfig] = field(default_factory=list)
     validation: SourceConfig | None = None
     decontaminate_against: list[SourceConfig] = field(default_factory=list)
@@ -161,9 +163,12 @@ class RunConfig:
     def resolve_path(self, path: str) -> Path:
         """A data path relative to the config file's folder (or absolute, or relative to the cwd if no file)."""
         p = Path(path).expanduser()
-        if p.is_absolute() or self.source_file is None:
+        if p.is_absolute():
             return p
-        return Path(self.source_file).parent / p
+        base = Path(self.source_file).parent if self.source_file else Path(".")
+        if self.data.root:
+            base = base / Path(self.data.root).expanduser()
+        return base / p
 
 
 # ---------------------------------------------------------------------------------------------------------

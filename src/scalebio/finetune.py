@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .config import ConfigError, LisaConfig, ModelConfig, SourceConfig, TokenizerConfig, save_config
 from .lisa import Lisa
-from .models import build_model, load_tokenizer
+from .models import build_model, load_tokenizer, special_token_ids
 from .results import RunDir, git_revision, hardware, package_versions, write_json
 from .solver import CausalLMObjective, NonFiniteLossError, lr_shape
 
@@ -107,7 +107,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
             examples.append(data_mod.Example(ids, labels, 0))
     if not examples:
         raise ConfigError(f"{cfg.train.path}: every example lost its response to truncation (max_length {cfg.max_length})")
-    model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.seed)
+    model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.seed, token_ids=special_token_ids(tokenizer))
     model.train()
     opt = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lisa = Lisa(model, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, 1, cfg.lisa.keep_all_state) if cfg.lisa.enabled else None

@@ -90,7 +90,20 @@ def load_tokenizer(cfg: RunConfig, training_texts: Iterable[str] | None = None):
     return tok
 
 
-def build_model(cfg: ModelConfig, vocab_size: int | None = None, seed: int = 0) -> torch.nn.Module:
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """bos/eos/pad ids of a tokenizer, for the config of a model initialised from scratch with it."""
+    out = {}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            out[name] = value
+    if "bos_token_id" not in out and "eos_token_id" in out:
+        out["bos_token_id"] = out["eos_token_id"]
+    return out
+
+
+def build_model(cfg: ModelConfig, vocab_size: int | None = None, seed: int = 0,
+                token_ids: dict[str, int] | None = None) -> torch.nn.Module:
     """One causal LM as the config says. A from-config model is initialised from ``seed`` (same seed, same
     weights), so u and w can start equal by building twice or by deep-copying."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -100,6 +113,8 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, seed: int = 0) 
         kwargs = dict(cfg.config_overrides)
         if vocab_size is not None:
             kwargs.setdefault("vocab_size", vocab_size)
+        for key, value in (token_ids or {}).items():
+            kwargs.setdefault(key, value)
         try:
             mcfg = AutoConfig.for_model(cfg.architecture, **kwargs)
         except ValueError as e:

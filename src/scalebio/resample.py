@@ -66,3 +66,29 @@ def resample(weights_file: str | Path | None, sources: dict[str, list[dict]], n:
                 "output": out.name, "output_sha256": file_sha256(out)}
     atomic_write_text(out.with_name(out.name + ".manifest.json"), json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def pool_from_run(run_dir: str | Path) -> dict[str, list[dict]]:
+    """The training sources of a reweighting run, read and decontaminated as the run did (same files, same
+    held-out prompts), as name → records."""
+    import yaml
+
+    from . import data as data_mod
+    from .config import RunConfig, from_dict
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a reweighting run directory (no config.yaml)")
+    cfg = from_dict(RunConfig, yaml.safe_load(path.read_text()))
+    held_out = set()
+    if cfg.data.decontaminate:
+        for src in [cfg.data.validation, *cfg.data.decontaminate_against]:
+            records = data_mod.load_source(src, cfg)
+            fmt = src.format if src.format != "auto" else data_mod.detect_format(records[0]) if records else "text"
+            held_out.update(data_mod.prompt_key(r, fmt) for r in records)
+    pool = {}
+    for src in cfg.data.sources:
+        records = data_mod.load_source(src, cfg)
+        fmt = src.format if src.format != "auto" else data_mod.detect_format(records[0]) if records else "text"
+        pool[src.name] = [r for r in records if data_mod.prompt_key(r, fmt) not in held_out]
+    return pool

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .config import RunConfig, save_config, to_dict
 from .lisa import Lisa
-from .models import build_model, load_tokenizer
+from .models import build_model, load_tokenizer, special_token_ids
 from .results import RunDir, git_revision, hardware, package_versions, write_json
 from .solver import CausalLMObjective, NonFiniteLossError, ScaleBiO
 from .weights import file_sha256, weights_record, write_weights
@@ -67,7 +67,8 @@ class Reweighting:
         self.sources, self.validation, self.data_report = data_mod.build_datasets(cfg, self.tokenizer)
         self.names = [s.name for s in self.sources]
         self.pad_id = self.tokenizer.pad_token_id
-        u = build_model(cfg.model, vocab_size=len(self.tokenizer), seed=cfg.seed)
+        u = build_model(cfg.model, vocab_size=len(self.tokenizer), seed=cfg.seed,
+                        token_ids=special_token_ids(self.tokenizer))
         w = copy.deepcopy(u)  # u and w start equal
         lisa_u = lisa_w = None
         if cfg.lisa.enabled:

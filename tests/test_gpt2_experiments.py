@@ -1,0 +1,73 @@
+"""GPT-2 experiments: both presets' configs load and validate; each pipeline runs end to end at toy size;
+the committed results match their schema and `experiments/gpt2/report.py` rebuilds from them."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from scalebio.config import RunConfig, load_config, validate_run_config
+from scalebio.finetune import FinetuneConfig, validate_finetune_config
+
+sys.path.insert(0, str(REPO / "experiments" / "gpt2"))
+TASKS = ["denoising", "multilingual", "instruction_following"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_presets_load_and_validate(task, preset):
+    cfg = load_config(REPO / "experiments" / "gpt2" / task / f"{preset}.yaml")
+    assert isinstance(cfg, RunConfig)
+    validate_run_config(cfg)
+    if preset == "paper":
+        s = cfg.solver
+        assert cfg.model.name_or_path == "openai-community/gpt2" and cfg.model.dtype == "bfloat16"
+        assert (s.lr_u, s.lr_w, s.lr_lambda, s.alpha, s.global_batch, s.micro_batch) == (1e-5, 1e-5, 1e-2, 10.0, 64, 8)
+        assert cfg.data.max_length == 512 and cfg.lisa.enabled and (cfg.lisa.gamma, cfg.lisa.interval) == (2, 20)
+        assert s.steps is None  # one epoch
+    else:
+        assert cfg.model.architecture == "gpt2" and cfg.tokenizer.kind == "train_bpe"
+    ft = load_config(REPO / "experiments" / "gpt2" / task / "finetune_cpu.yaml", ["train.path=x.jsonl"], FinetuneConfig)
+    validate_finetune_config(ft)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_pipeline_smoke(task, tmp_path, shared_data):
+    import pipeline
+
+    out = pipeline.run_task(task, "cpu", smoke=True, runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+    weights = list(out.glob("*/reweight_seed0/weights.json"))
+    assert weights
+    evals = sorted(p.parent.name for p in out.glob("*/retrain/*/eval.json"))
+    assert evals == ["learned_seed0", "uniform_seed0"]
+    ev = json.loads(next(out.glob("*/retrain/learned_seed0/eval.json")).read_text())
+    (metrics,) = ev["tasks"].values()
+    assert metrics["nll_per_token"] > 0
+
+
+def check_results_schema(root: Path):
+    for weights_file in root.glob("gpt2/*/*/reweight_seed*/weights.json"):
+        run = weights_file.parent
+        w = json.loads(weights_file.read_text())
+        assert abs(sum(w["weights"].values()) - 1) < 1e-9 and set(w["weights"]) == set(w["sources"])
+        assert w["provenance"]["data_files"]
+        metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == list(range(len(metrics)))
+        for key in ("val_loss", "train_loss_u", "train_loss_w", "alpha", "lr_lambda"):
+            assert key in metrics[0]
+    for eval_file in root.glob("gpt2/*/*/retrain/*/eval.json"):
+        ev = json.loads(eval_file.read_text())
+        (metrics,) = ev["tasks"].values()
+        assert metrics["nll_per_token"] > 0
+        assert json.loads((eval_file.parent / "resample.json").read_text())["n"] > 0
+
+
+def test_committed_results_schema():
+    root = REPO / "results"
+    if not list(root.glob("gpt2/*/*/reweight_seed*/weights.json")):
+        pytest.skip("no committed GPT-2 results yet")
+    check_results_schema(root)
+    summary = json.loads((root / "gpt2" / "summary.json").read_text())
+    assert set(summary) <= set(TASKS)
