@@ -419,6 +419,15 @@ class TokenizedSet:
     stats: dict = field(default_factory=dict)
 
 
+def load_with_format(src: SourceConfig, cfg: RunConfig) -> tuple[list[dict], str]:
+    """Records of one source and their format (the configured one, else detected from the first record;
+    ``text`` for an empty source). No per-record checks: ``build_datasets`` does those."""
+    records = load_source(src, cfg)
+    if src.format != "auto":
+        return records, src.format
+    return records, detect_format(records[0], f"{_source_label(src)}: record 0") if records else "text"
+
+
 def _load_checked(src: SourceConfig, cfg: RunConfig, field_name: str) -> tuple[list[dict], str]:
     """Records of one source, every one checked against the source's (or detected) format."""
     label = _source_label(src)

@@ -83,12 +83,10 @@ def pool_from_run(run_dir: str | Path) -> dict[str, list[dict]]:
     held_out = set()
     if cfg.data.decontaminate:
         for src in [cfg.data.validation, *cfg.data.decontaminate_against]:
-            records = data_mod.load_source(src, cfg)
-            fmt = src.format if src.format != "auto" else data_mod.detect_format(records[0]) if records else "text"
+            records, fmt = data_mod.load_with_format(src, cfg)
             held_out.update(data_mod.prompt_key(r, fmt) for r in records)
     pool = {}
     for src in cfg.data.sources:
-        records = data_mod.load_source(src, cfg)
-        fmt = src.format if src.format != "auto" else data_mod.detect_format(records[0]) if records else "text"
+        records, fmt = data_mod.load_with_format(src, cfg)
         pool[src.name] = [r for r in records if data_mod.prompt_key(r, fmt) not in held_out]
     return pool

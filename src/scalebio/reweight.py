@@ -94,9 +94,7 @@ class Reweighting:
             return AutoTokenizer.from_pretrained(str(saved))
         texts = []
         for src in chain(cfg.data.sources, [cfg.data.validation]):
-            records = data_mod.load_source(src, cfg)
-            fmt = src.format if src.format != "auto" else data_mod.detect_format(records[0]) if records else "text"
-            texts.append(data_mod.source_texts(records, fmt))
+            texts.append(data_mod.source_texts(*data_mod.load_with_format(src, cfg)))
         tok = load_tokenizer(cfg, chain(*texts))
         if self.rank == 0:
             tok.save_pretrained(str(saved))

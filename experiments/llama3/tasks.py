@@ -1,0 +1,128 @@
+"""Evaluation tasks of the large-model experiment, and a command that runs them on one model.
+
+    python experiments/llama3/tasks.py --model MODEL_DIR --out results/llama3/<preset>/<method>_seed<s>/eval.json
+        [--online] [--gguf-file NAME] [--loglik-limit N] [--em-limit N] [--max-gen-toks N]
+
+Offline tasks (local files from ../shared/data, lm-eval task dicts built by scalebio.evaluation):
+
+    llama3_test         the authors' test.json (280, mixed math / general / code): response log-likelihood
+    gsm8k_test_loglik   GSM8K test: log-likelihood of the reference solution (question → instruction)
+    math_test_loglik    MATH test: log-likelihood of the reference solution (problem → instruction)
+    gsm8k_exact_match   GSM8K test, first --em-limit questions: greedy generation, exact match of the final number
+
+``--online`` adds the standard lm-eval tasks (ONLINE_TASKS; they download their data, so they need a network).
+MT-Bench is mt_bench.py. Results go to ``eval.json`` in scalebio.evaluation's compact format
+``{"tasks": {task: {metric: value}}, ...}``, which table1.py reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "src"))
+
+from scalebio.data import read_records  # noqa: E402
+from scalebio.evaluation import evaluate, exact_match_task, response_loglik_task, write_task_yaml  # noqa: E402
+
+log = logging.getLogger("llama3.tasks")
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+ONLINE_TASKS = ["mmlu", "arc_challenge", "hellaswag", "truthfulqa_mc2", "gsm8k"]
+"""Standard lm-eval tasks for users with a network (Open LLM Leaderboard style)."""
+
+
+def questions_to_alpaca(src: str | Path, out: str | Path, question_field: str, answer_field: str) -> Path:
+    """GSM8K / MATH records → Alpaca JSONL (question → instruction, answer or solution → output, empty input)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"instruction": r[question_field], "input": "", "output": r[answer_field]}, ensure_ascii=False)
+             for r in read_records(Path(src))]
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def offline_tasks(tokenizer, shared_data: str | Path = SHARED_DATA, work_dir: str | Path | None = None,
+                  loglik_limit: int | None = None, em_limit: int | None = 200, max_gen_toks: int = 256,
+                  max_length: int | None = None) -> list[dict]:
+    """The four offline task dicts. ``loglik_limit``: first N records of GSM8K and MATH (test.json is always
+    whole: 280); ``em_limit``: GSM8K questions generated; ``max_length``: score only what training would see."""
+    shared = Path(shared_data)
+    work = Path(work_dir) if work_dir else REPO / "runs" / "llama3" / "eval_tasks"
+    gsm8k = questions_to_alpaca(shared / "gsm8k" / "test.jsonl", work / "gsm8k_test.alpaca.jsonl", "question", "answer")
+    math = questions_to_alpaca(shared / "math" / "test.jsonl", work / "math_test.alpaca.jsonl", "problem", "solution")
+    rendered = work / "rendered"
+    return [
+        response_loglik_task("llama3_test", shared / "scalebio_math_exp_rlhflow_less_oss" / "test.json",
+                             tokenizer=tokenizer, rendered_dir=rendered, max_length=max_length),
+        response_loglik_task("gsm8k_test_loglik", gsm8k, fmt="alpaca", tokenizer=tokenizer, limit=loglik_limit,
+                             rendered_dir=rendered, max_length=max_length),
+        response_loglik_task("math_test_loglik", math, fmt="alpaca", tokenizer=tokenizer, limit=loglik_limit,
+                             rendered_dir=rendered, max_length=max_length),
+        exact_match_task("gsm8k_exact_match", shared / "gsm8k" / "test.jsonl", question_field="question",
+                         answer_field="answer", limit=em_limit, tokenizer=tokenizer, max_gen_toks=max_gen_toks,
+                         rendered_dir=rendered),
+    ]
+
+
+def load_model(model: str, gguf_file: str | None, device: str):
+    """Model and tokenizer from a directory or hub id (or a GGUF file inside it); bf16 on a GPU, fp32 on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs).to(device).eval()
+    return lm, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model directory (e.g. a finetune run's model/) or hub id")
+    parser.add_argument("--gguf-file", default=None, help="a GGUF file inside --model (the offline base model)")
+    parser.add_argument("--out", required=True, help="eval.json to write")
+    parser.add_argument("--online", action="store_true", help=f"also run {', '.join(ONLINE_TASKS)} (needs a network)")
+    parser.add_argument("--shared-data", default=str(SHARED_DATA))
+    parser.add_argument("--work-dir", default=None, help="converted and rendered task files (default runs/llama3/eval_tasks)")
+    parser.add_argument("--loglik-limit", type=int, default=None, help="first N GSM8K / MATH records (default all)")
+    parser.add_argument("--em-limit", type=int, default=200, help="GSM8K questions for exact match")
+    parser.add_argument("--max-gen-toks", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=None, help="score only the first N tokens, as training")
+    parser.add_argument("--online-limit", type=int, default=None, help="documents per online task (default all)")
+    parser.add_argument("--write-yaml", default=None, help="also save the offline tasks as lm-eval YAMLs in this folder")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model, args.gguf_file, device)
+    tasks = offline_tasks(tokenizer, args.shared_data, args.work_dir, args.loglik_limit, args.em_limit,
+                          args.max_gen_toks, args.max_length)
+    if args.write_yaml:
+        for task in tasks:
+            write_task_yaml(task, Path(args.write_yaml) / f"{task['task']}.yaml")
+    out = Path(args.out)
+    evaluate(model, tokenizer, tasks, out, batch_size=args.batch_size, device=device)
+    if args.online:
+        # A separate call, so `--online-limit` applies to these only and a download failure keeps the offline file.
+        online = evaluate(model, tokenizer, list(ONLINE_TASKS), out.with_name("eval_online.json"),
+                          limit=args.online_limit, batch_size=args.batch_size, device=device)
+        merged = json.loads(out.read_text())
+        merged["tasks"].update(online["tasks"])
+        merged["n_samples"].update(online["n_samples"])
+        merged["online_limit"] = args.online_limit
+        out.write_text(json.dumps(merged, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
