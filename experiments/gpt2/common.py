@@ -225,3 +225,16 @@ def main(build: Callable[..., dict], parser: argparse.ArgumentParser, argv: list
     except (FileNotFoundError, ValueError) as err:
         # A missing input or an impossible size is a usage error: say which, without a traceback.
         parser.exit(1, f"{parser.prog}: error: {err}\n")
+
+
+def val_test_alpaca(inputs: "Inputs", val_file: str, test_file: str, n_val, n_test, seed: int):
+    """(val, test, test_dropped, banned): the authors' val/test in Alpaca form, subsampled by the seed and made
+    disjoint; ``banned`` holds the prompts of the FULL files, so training is decontaminated even when val/test
+    are subsampled."""
+    val_all = [alpaca(r) for r in inputs.json(val_file)]
+    test_all = [alpaca(r) for r in inputs.json(test_file)]
+    banned = {prompt_key(r) for r in val_all + test_all}
+    val = subsample(val_all, n_val, named_rng(seed, "val"))
+    test = subsample(test_all, n_test, named_rng(seed, "test"))
+    val, test, test_dropped = split_val_test(val, test)
+    return val, test, test_dropped, banned

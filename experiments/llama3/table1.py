@@ -22,12 +22,14 @@ import argparse
 import csv
 import io
 import json
+import logging
 import re
 import statistics
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+log = logging.getLogger("llama3.table1")
 
 PRIMARY_METRICS = ["exact_match,extract", "exact_match,strict-match", "exact_match,flexible-extract", "exact_match",
                    "acc_norm", "acc", "score", "nll_per_token", "bits_per_byte"]
@@ -187,8 +189,8 @@ def render_markdown(bench: list[dict], weights: list[dict], results_label: str) 
     presets = sorted({r["preset"] for r in weights})
     by_cell = {(r["preset"], r["item"]): r for r in weights}
     sources = sorted(set(REPORTED_WEIGHTS) | {r["item"] for r in weights}, key=str.lower)
-    header = ["source", "reported"] + [f"ours: {p} ({by_cell[next(k for k in by_cell if k[0] == p)]['model']})"
-                                       for p in presets]
+    model_of = {r["preset"]: r["model"] for r in weights}
+    header = ["source", "reported"] + [f"ours: {p} ({model_of[p]})" for p in presets]
     rows = [[s, f"{REPORTED_WEIGHTS[s]:.3f}" if s in REPORTED_WEIGHTS else "—"] +
             [_fmt(by_cell[(p, s)]["mean"], by_cell[(p, s)]["std"]) if (p, s) in by_cell else "—" for p in presets]
             for s in sources]
@@ -219,7 +221,8 @@ def build_table(results: str | Path, out: str | Path, results_label: str | None 
     """Write ``out``/table1.md and ``out``/table1.csv from ``results``; returns their paths."""
     results, out = Path(results), Path(out)
     bench, weights = collect(results)
-    label = results_label or (str(results.relative_to(REPO)) if results.resolve().is_relative_to(REPO) else results.name)
+    resolved = results.resolve()
+    label = results_label or (str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else resolved.name)
     out.mkdir(parents=True, exist_ok=True)
     md, csv_path = out / "table1.md", out / "table1.csv"
     _atomic_write(md, render_markdown(bench, weights, label))
@@ -233,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "results"))
     args = parser.parse_args(argv)
     md, csv_path = build_table(args.results, args.out)
-    print(f"wrote {md} and {csv_path}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log.info("wrote %s and %s", md, csv_path)
     return 0
 
 

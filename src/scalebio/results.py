@@ -120,16 +120,10 @@ class RunDir:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: malformed JSON: {e.msg}") from None
-    return out
+    """Records of a JSONL file; a malformed line raises an error naming the file and the line."""
+    from .data import read_records
+
+    return read_records(Path(path))
 
 
 def load_trajectory(run_dir: str | Path):

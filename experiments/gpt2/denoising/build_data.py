@@ -63,13 +63,7 @@ def build(
                          f"asked for {len(rates)}")
 
     inputs = common.Inputs(shared_data)
-    val_all = [common.alpaca(r) for r in inputs.json(VAL_FILE)]
-    test_all = [common.alpaca(r) for r in inputs.json(TEST_FILE)]
-    # Decontaminate against the full files, even when val/test are subsampled.
-    banned = {common.prompt_key(r) for r in val_all + test_all}
-    val = common.subsample(val_all, n_val, common.named_rng(seed, "val"))
-    test = common.subsample(test_all, n_test, common.named_rng(seed, "test"))
-    val, test, test_dropped = common.split_val_test(val, test)
+    val, test, test_dropped, banned = common.val_test_alpaca(inputs, VAL_FILE, TEST_FILE, n_val, n_test, seed)
 
     files, sources, used = {}, [], set()
     for part, rate, name in zip(common.ALPACA_PARTS, rates, names):

@@ -78,12 +78,7 @@ def build(
         raise ValueError(f"--code-file must be one of {CODE_FILES}")
 
     inputs = common.Inputs(shared_data)
-    val_all = [common.alpaca(r) for r in inputs.json(VAL_FILE)]
-    test_all = [common.alpaca(r) for r in inputs.json(TEST_FILE)]
-    banned = {common.prompt_key(r) for r in val_all + test_all}
-    val = common.subsample(val_all, n_val, common.named_rng(seed, "val"))
-    test = common.subsample(test_all, n_test, common.named_rng(seed, "test"))
-    val, test, test_dropped = common.split_val_test(val, test)
+    val, test, test_dropped, banned = common.val_test_alpaca(inputs, VAL_FILE, TEST_FILE, n_val, n_test, seed)
 
     gpt4_pool = [common.alpaca(r) for r in inputs.json(ALPACA_GPT4_FILE)]
     gpt4_inputs, matched = [ALPACA_GPT4_FILE], None
