@@ -120,8 +120,6 @@ class SolverConfig:
     outer_iterations: int = 1
     clip_grad_norm: float | None = None
     """Clip the gradient norm of u and of w (on the unscaled losses); ``null`` = off."""
-    fuse_w_passes: bool = False
-    """Run w's training and validation batches as one forward/backward (same gradient, one pass)."""
 
 
 @dataclass

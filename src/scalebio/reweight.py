@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 import time
 from datetime import datetime, timezone
 from itertools import chain
@@ -28,15 +29,29 @@ from .weights import file_sha256, weights_record, write_weights
 log = logging.getLogger(__name__)
 
 
+def init_distributed() -> torch.device:
+    """Join the process group a launcher (torchrun, accelerate launch) set up, and pick this rank's device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def micro_batches(examples: list, micro: int, pad_id: int) -> list[dict]:
-    """This rank's examples, collated in micro-batches of at most ``micro``."""
-    return [data_mod.collate(examples[i:i + micro], pad_id) for i in range(0, len(examples), micro)]
+def micro_batches(examples: list, micro: int, pad_id: int, device: torch.device | None = None) -> list[dict]:
+    """This rank's examples, collated in micro-batches of at most ``micro``, on ``device``."""
+    out = [data_mod.collate(examples[i:i + micro], pad_id) for i in range(0, len(examples), micro)]
+    if device is not None and device.type != "cpu":
+        out = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in out]
+    return out
 
 
 def rank_slice(items: list, rank: int, world: int) -> list:
@@ -59,6 +74,7 @@ class Reweighting:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.device = init_distributed()
         self.rank, self.world = rank_and_world()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -69,6 +85,7 @@ class Reweighting:
         self.pad_id = self.tokenizer.pad_token_id
         u = build_model(cfg.model, vocab_size=len(self.tokenizer), seed=cfg.seed,
                         token_ids=special_token_ids(self.tokenizer))
+        u.to(self.device)
         w = copy.deepcopy(u)  # u and w start equal
         lisa_u = lisa_w = None
         if cfg.lisa.enabled:
@@ -132,7 +149,7 @@ class Reweighting:
         cfg = self.cfg
         ckpt = self.run.latest_checkpoint() if cfg.resume else None
         if ckpt is not None:
-            state = torch.load(ckpt, weights_only=False)
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
             if state["config_digest"] != config_digest(cfg):
                 raise ValueError(f"{ckpt}: checkpoint was written by a different config; use a new run_dir or resume=false")
             self.solver.load_state_dict(state["solver"])
@@ -158,7 +175,8 @@ class Reweighting:
         val = [self.validation.examples[i] for _, i in self.val_sampler.next_batch()]
         train = rank_slice(train, self.rank, self.world)
         val = rank_slice(val, self.rank, self.world)
-        return micro_batches(train, micro, self.pad_id), micro_batches(val, micro, self.pad_id)
+        return (micro_batches(train, micro, self.pad_id, self.device),
+                micro_batches(val, micro, self.pad_id, self.device))
 
     def _log(self, step: int, outer: int, alpha: float, stats) -> None:
         if self.rank != 0:

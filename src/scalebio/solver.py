@@ -102,8 +102,14 @@ def _world() -> int:
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum a small CPU tensor over ranks, in place (through the GPU when the backend is NCCL)."""
     if _world() > 1:
-        dist.all_reduce(t)
+        if dist.get_backend() == "nccl":
+            on_gpu = t.cuda()
+            dist.all_reduce(on_gpu)
+            t.copy_(on_gpu.cpu())
+        else:
+            dist.all_reduce(t)
     return t
 
 
@@ -174,7 +180,7 @@ class ScaleBiO:
         batch (all micro-batches, all ranks)."""
         k, alpha, step = self.k, self.alpha, self.step_index
         p = self.weights()
-        counts = _all_reduce(sum(source_counts(mb["source"], k) for mb in train))
+        counts = _all_reduce(sum(source_counts(mb["source"].cpu(), k) for mb in train))
         val_terms = torch.zeros((), dtype=torch.float64)
         for mb in val:
             val_terms += float(self.objective.validation_terms(mb))
@@ -190,21 +196,24 @@ class ScaleBiO:
             ell = self.objective.per_example_loss(self.u, mb)
             self._check(ell, "training loss under u", step)
             mixture_loss(ell, mb["source"], p, counts).backward()
-            sums_u += source_sums(ell.detach().double(), mb["source"], k)
+            sums_u += source_sums(ell.detach().double(), mb["source"], k).cpu()
+        # u's step can be taken now: nothing below reads u (λ uses ℓ^u recorded above, at the old u), so
+        # the updates stay simultaneous, and u's gradients are freed before w's passes need memory.
+        self._finish(self.u, self.opt_u)
 
         # w on V and B: ∇w [L1(w; V) + α L2(λ, w; B)]                          (method.md §3, line 2)
         val_sum = torch.zeros((), dtype=torch.float64)
         for mb in val:
             total, _ = self.objective.validation_loss(self.w, mb)
             self._check(total, "validation loss under w", step)
-            (total / val_terms.to(total.dtype)).backward()
-            val_sum += total.detach().double()
+            (total / float(val_terms)).backward()
+            val_sum += total.detach().double().cpu()
         sums_w = torch.zeros(k, dtype=torch.float64)
         for mb in train:
             ell = self.objective.per_example_loss(self.w, mb)
             self._check(ell, "training loss under w", step)
             (alpha * mixture_loss(ell, mb["source"], p, counts)).backward()
-            sums_w += source_sums(ell.detach().double(), mb["source"], k)
+            sums_w += source_sums(ell.detach().double(), mb["source"], k).cpu()
 
         sums_u, sums_w, val_sum = _all_reduce(sums_u), _all_reduce(sums_w), _all_reduce(val_sum)
         present = counts > 0
@@ -214,16 +223,8 @@ class ScaleBiO:
         # λ: α [∇λ L2(λ, w; B) − ∇λ L2(λ, u; B)]                              (method.md §3, line 3)
         self.lambda_objective(mean_w, mean_u, val_sum / val_terms.clamp(min=1)).backward()
 
-        params_u = [q for q in self.u.parameters() if q.requires_grad]
-        params_w = [q for q in self.w.parameters() if q.requires_grad]
-        _all_reduce_grads(params_u)
-        _all_reduce_grads(params_w)
-        if self.cfg.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params_u, self.cfg.clip_grad_norm)
-            torch.nn.utils.clip_grad_norm_(params_w, self.cfg.clip_grad_norm)
-        # Simultaneous updates: all gradients above were taken at the same (u, w, λ).
-        self.opt_u.step()
-        self.opt_w.step()
+        # Simultaneous updates: every gradient of this step was taken at the same (u, w, λ).
+        self._finish(self.w, self.opt_w)
         self.opt_lam.step()
         self.step_index += 1
 
@@ -235,6 +236,15 @@ class ScaleBiO:
             source_loss_w=mean_w.tolist(),
             source_counts=[int(c) for c in counts.tolist()],
         )
+
+    def _finish(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Sum gradients over ranks, clip (on the unscaled loss's gradient), step, and free the gradients."""
+        params = [q for q in model.parameters() if q.requires_grad]
+        _all_reduce_grads(params)
+        if self.cfg.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def lambda_objective(self, mean_w: torch.Tensor, mean_u: torch.Tensor, val_loss: torch.Tensor) -> torch.Tensor:
         """The scalar whose λ-gradient is α [∇λ L2(λ, w) − ∇λ L2(λ, u)] = α J (ℓ^w − ℓ^u), J = diag(p) − p pᵀ.

@@ -35,7 +35,7 @@ def mixture_loss(per_example: torch.Tensor, source: torch.Tensor, p: torch.Tenso
     appears in this micro-batch). A source absent from the batch has no terms, so it contributes nothing and
     its zero count is never a divisor.
     """
-    coef = p.to(per_example.dtype) / counts.clamp(min=1).to(per_example.dtype)
+    coef = (p / counts.clamp(min=1)).to(device=per_example.device, dtype=per_example.dtype)
     return (coef[source] * per_example).sum()
 
 
