@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: help setup test verify clean
+.PHONY: help setup test test-slow verify clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -20,13 +20,16 @@ $(BIN)/scalebio: requirements.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(BIN)/scalebio
 
-test: ## run the test suite (CPU, offline, a few minutes)
-	$(BIN)/python -m pytest tests
+test: ## the test suite (CPU, offline, under 5 minutes; end-to-end checks marked slow are in test-slow)
+	$(BIN)/python -m pytest tests -m "not slow"
+
+test-slow: ## end-to-end checks: 2-process runs, each experiment's pipeline at toy size, the benchmark smoke run
+	$(BIN)/python -m pytest tests -m slow
 
 clean: ## remove run outputs of tests and local runs (not results/)
 	rm -rf runs .pytest_cache
 
-.PHONY: reproduce-gpt2 figures bench
+.PHONY: reproduce-gpt2 figures bench table1
 reproduce-gpt2: setup ## the three GPT-2 experiments end to end (CPU preset: under 60 min on 2 cores), then tables and figures
 	$(MAKE) -j2 gpt2-denoising-multilingual gpt2-instruction-following
 	$(MAKE) figures
@@ -41,6 +44,15 @@ gpt2-instruction-following:
 
 figures: ## rebuild every table and figure from results/ alone (seconds)
 	$(BIN)/python experiments/gpt2/report.py
+	$(BIN)/python -m benchmarks.figures --results results/bench --out figures
+	$(BIN)/python experiments/llama3/table1.py
+
+bench: setup ## speed and memory benchmarks (about 10 min on 2 cores): results/bench/*.json, figures/bench_*.png
+	$(BIN)/python -m benchmarks.run --out results/bench --figures figures
+	$(BIN)/python -m benchmarks.table --results results/bench
+
+table1: ## Table 1 (results/table1.md, .csv) from results/llama3/ alone
+	$(BIN)/python experiments/llama3/table1.py
 
 verify: figures ## rebuild tables and figures from results/ and fail on any difference from the committed ones
 	git diff --exit-code -- results figures README.md

@@ -43,7 +43,7 @@ def step_cost_figure(data: dict, out: Path) -> None:
                 ax.axhline(target, color="C0" if variant == "scalebio" else "C1", ls="--", lw=1)
         ax.set_ylabel("ScaleBiO step ÷ SFT step")
     grid.figure.suptitle("Step cost (median, bars: min–max of reps; dashed: targets, dotted: 3×)", y=1.03)
-    grid.savefig(out / "bench_step_cost.png", dpi=120, bbox_inches="tight")
+    grid.savefig(out / "bench_step_cost.png", dpi=120, bbox_inches="tight", metadata={"Software": None})
     plt.close(grid.figure)
 
 
@@ -70,7 +70,7 @@ def memory_figure(data: dict, out: Path) -> None:
     for ax in axes[1:]:
         ax.set_ylabel("MiB")
     fig.tight_layout()
-    fig.savefig(out / "bench_memory.png", dpi=120)
+    fig.savefig(out / "bench_memory.png", dpi=120, metadata={"Software": None})
     plt.close(fig)
 
 
@@ -83,7 +83,7 @@ def sources_figure(data: dict, out: Path) -> None:
                   markers="_", linestyles="none", ax=ax)
     ax.set_title(f"step time vs sources: {100 * res['relative_difference']:+.1f}%")
     fig.tight_layout()
-    fig.savefig(out / "bench_sources.png", dpi=120)
+    fig.savefig(out / "bench_sources.png", dpi=120, metadata={"Software": None})
     plt.close(fig)
 
 
@@ -104,7 +104,7 @@ def hypergradient_figure(data: dict, out: Path) -> None:
     sns.barplot(pd.DataFrame(wrows), x="source", y="p", hue="who", ax=axes[1])
     axes[1].set_title("convex least squares: final weights")
     fig.tight_layout()
-    fig.savefig(out / "bench_hypergradient.png", dpi=120)
+    fig.savefig(out / "bench_hypergradient.png", dpi=120, metadata={"Software": None})
     plt.close(fig)
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from conftest import REPO, tiny_run_config
 
+pytestmark = pytest.mark.slow
+
 NO_DROPOUT = ["model.config_overrides.resid_pdrop=0.0", "model.config_overrides.embd_pdrop=0.0",
               "model.config_overrides.attn_pdrop=0.0", "solver.steps=3", "checkpoint_every=1",
               "lisa.enabled=true", "lisa.gamma=1", "lisa.interval=1"]

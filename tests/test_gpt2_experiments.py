@@ -33,6 +33,7 @@ def test_presets_load_and_validate(task, preset):
     validate_finetune_config(ft)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 def test_pipeline_smoke(task, tmp_path, shared_data):
     import pipeline

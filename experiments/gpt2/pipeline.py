@@ -34,6 +34,16 @@ log = logging.getLogger("gpt2.pipeline")
 SMALL_FILES = ("config.yaml", "meta.json", "data.json", "metrics.jsonl", "weights.jsonl", "weights.json")
 
 
+def relativize(folder: Path) -> None:
+    """Committed results name files relative to the repository root, not by this machine's absolute paths."""
+    prefix = str(REPO) + "/"
+    for path in folder.rglob("*"):
+        if path.suffix in (".json", ".jsonl", ".yaml") and path.is_file():
+            text = path.read_text()
+            if prefix in text:
+                path.write_text(text.replace(prefix, ""))
+
+
 def load_plan(task: str, preset: str, smoke: bool) -> dict:
     folder = REPO / "experiments" / "gpt2" / task
     plan = yaml.safe_load((folder / "pipeline.yaml").read_text())
@@ -82,6 +92,7 @@ def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Pat
             out.mkdir(parents=True, exist_ok=True)
             for f in SMALL_FILES:
                 shutil.copy2(run_dir / f, out / f)
+            relativize(out)
         done += 1
 
     r = plan["retrain"]
@@ -113,6 +124,7 @@ def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Pat
             (out / "resample.json").write_text(json.dumps(manifest, indent=2) + "\n")
             shutil.copy2(work / "finetune" / "metrics.jsonl", out / "finetune_metrics.jsonl")
             shutil.copy2(work / "eval.json", out / "eval.json")
+            relativize(out)
         done += 1
     progress("done")
     return results_root
