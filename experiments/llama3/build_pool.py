@@ -20,7 +20,6 @@ first user turn, or instruction + input; lowercased, whitespace collapsed) occur
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
 from scalebio.data import detect_format, prompt_key, read_records  # noqa: E402
+from scalebio.weights import file_sha256  # noqa: E402
 
 log = logging.getLogger("llama3.build_pool")
 
@@ -54,11 +54,7 @@ REASON_SUFFIX = "please reason step by step."
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def _alpaca(record: dict) -> dict:

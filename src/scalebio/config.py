@@ -159,14 +159,19 @@ class RunConfig:
     """The YAML this config was read from (set by the loader; relative paths resolve against its folder)."""
 
     def resolve_path(self, path: str) -> Path:
-        """A data path relative to the config file's folder (or absolute, or relative to the cwd if no file)."""
-        p = Path(path).expanduser()
-        if p.is_absolute():
-            return p
-        base = Path(self.source_file).parent if self.source_file else Path(".")
-        if self.data.root:
-            base = base / Path(self.data.root).expanduser()
-        return base / p
+        """A data path relative to ``data.root`` (itself relative to the config file's folder), or absolute."""
+        return resolve_relative(path, self.source_file, self.data.root)
+
+
+def resolve_relative(path: str, source_file: str | None, root: str | None = None) -> Path:
+    """``path`` if absolute, else relative to the folder of ``source_file`` (the cwd if None) joined with ``root``."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    base = Path(source_file).parent if source_file else Path(".")
+    if root:
+        base = base / Path(root).expanduser()
+    return base / p
 
 
 # ---------------------------------------------------------------------------------------------------------

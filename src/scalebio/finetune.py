@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from .config import ConfigError, LisaConfig, ModelConfig, SourceConfig, TokenizerConfig, save_config
+from .config import ConfigError, LisaConfig, ModelConfig, SourceConfig, TokenizerConfig, resolve_relative, save_config
 from .lisa import Lisa
 from .models import build_model, load_tokenizer, special_token_ids
 from .results import RunDir, git_revision, hardware, package_versions, write_json
@@ -53,10 +53,7 @@ class FinetuneConfig:
     source_file: str | None = field(default=None, metadata={"internal": True})
 
     def resolve_path(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        if p.is_absolute() or self.source_file is None:
-            return p
-        return Path(self.source_file).parent / p
+        return resolve_relative(path, self.source_file)
 
 
 def validate_finetune_config(cfg: FinetuneConfig) -> None:
