@@ -45,14 +45,15 @@ gpt2-instruction-following:
 figures: ## rebuild every table and figure from results/ alone (seconds)
 	$(BIN)/python experiments/gpt2/report.py
 	$(BIN)/python -m benchmarks.figures --results results/bench --out figures
+	$(BIN)/python -m benchmarks.table --results results/bench --update README.md benchmarks/README.md
 	$(BIN)/python experiments/llama3/table1.py
 
 bench: setup ## speed and memory benchmarks (about 10 min on 2 cores): results/bench/*.json, figures/bench_*.png
 	$(BIN)/python -m benchmarks.run --out results/bench --figures figures
-	$(BIN)/python -m benchmarks.table --results results/bench
+	$(BIN)/python -m benchmarks.table --results results/bench --update README.md benchmarks/README.md
 
 table1: ## Table 1 (results/table1.md, .csv) from results/llama3/ alone
 	$(BIN)/python experiments/llama3/table1.py
 
 verify: figures ## rebuild tables and figures from results/ and fail on any difference from the committed ones
-	git diff --exit-code -- results figures README.md
+	git diff --exit-code -- results figures README.md benchmarks/README.md

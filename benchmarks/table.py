@@ -79,8 +79,22 @@ def lines(folder: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results/bench")
+    parser.add_argument("--update", nargs="*", default=[], metavar="MARKDOWN",
+                        help="replace the block between <!-- bench-table:start --> and <!-- bench-table:end --> in these files")
     args = parser.parse_args(argv)
-    print("\n".join(lines(Path(args.results))))  # noqa: T201 (a table for the terminal)
+    table = "\n".join(lines(Path(args.results))) + "\n"
+    if not args.update:
+        print(table, end="")  # noqa: T201 (a table for the terminal)
+    for name in args.update:
+        path = Path(name)
+        text = path.read_text()
+        if START not in text or END not in text:
+            raise SystemExit(f"{path}: no {START} ... {END} block to update")
+        head, rest = text.split(START, 1)
+        path.write_text(f"{head}{START}\n{table}{END}{rest.split(END, 1)[1]}")
+
+
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 
 
 if __name__ == "__main__":
