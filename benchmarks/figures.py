@@ -78,7 +78,7 @@ def sources_figure(data: dict, out: Path) -> None:
     res = data["results"]
     rows = [dict(k=name, seconds=t) for name, v in res["variants"].items() for t in v["seconds"]]
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    sns.stripplot(pd.DataFrame(rows), x="k", y="seconds", ax=ax, size=6)
+    sns.stripplot(pd.DataFrame(rows), x="k", y="seconds", ax=ax, size=6, jitter=False)  # no random jitter: rebuilds are byte-identical
     sns.pointplot(pd.DataFrame(rows), x="k", y="seconds", estimator="median", errorbar=None, color="k",
                   markers="_", linestyles="none", ax=ax)
     ax.set_title(f"step time vs sources: {100 * res['relative_difference']:+.1f}%")
