@@ -119,8 +119,7 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, seed: int = 0,
             mcfg = AutoConfig.for_model(cfg.architecture, **kwargs)
         except ValueError as e:
             raise ConfigError(f"model.architecture: {e}") from None
-        devnull = torch.random.fork_rng(devices=[])
-        with devnull:
+        with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype)
     elif cfg.gguf_file:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import os
 import time
@@ -23,7 +24,7 @@ from .config import RunConfig, save_config, to_dict
 from .lisa import Lisa
 from .models import build_model, load_tokenizer, special_token_ids
 from .results import RunDir, git_revision, hardware, package_versions, write_json
-from .solver import CausalLMObjective, NonFiniteLossError, ScaleBiO
+from .solver import CausalLMObjective, ScaleBiO
 from .weights import file_sha256, weights_record, write_weights
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,6 @@ def rank_slice(items: list, rank: int, world: int) -> list:
 
 
 def config_digest(cfg: RunConfig) -> str:
-    import json
-
     payload = to_dict(cfg)
     payload.pop("resume", None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -130,11 +129,7 @@ class Reweighting:
         for step in bar:
             alpha = solver.begin_step(step, self.steps_per_outer)
             train, val = self._draw()
-            try:
-                stats = solver.step(train, val)
-            except NonFiniteLossError as e:
-                log.error("%s", e)
-                raise
+            stats = solver.step(train, val)  # NonFiniteLossError propagates; the last checkpoint stays
             self._log(step, step // self.steps_per_outer, alpha, stats)
             bar.set_postfix_str(self._postfix(stats))
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
@@ -223,8 +218,6 @@ class Reweighting:
         if self.rank != 0:
             return
         path = self.run.path / "meta.json"
-        import json
-
         previous = json.loads(path.read_text()) if path.exists() else {}
         write_json(path, {
             "status": status,
