@@ -124,14 +124,3 @@ def read_jsonl(path: str | Path) -> list[dict]:
     from .data import read_records
 
     return read_records(Path(path))
-
-
-def load_trajectory(run_dir: str | Path):
-    """weights.jsonl of a run as a long pandas frame: step, source, weight."""
-    import pandas as pd
-
-    rows = []
-    for rec in read_jsonl(Path(run_dir) / "weights.jsonl"):
-        for name, value in rec["weights"].items():
-            rows.append({"step": rec["step"], "source": name, "weight": value})
-    return pd.DataFrame(rows)
