@@ -48,9 +48,10 @@ def questions_to_alpaca(src: str | Path, out: str | Path, question_field: str, a
 
 def offline_tasks(tokenizer, shared_data: str | Path = SHARED_DATA, work_dir: str | Path | None = None,
                   loglik_limit: int | None = None, em_limit: int | None = 200, max_gen_toks: int = 256,
-                  max_length: int | None = None) -> list[dict]:
-    """The four offline task dicts. ``loglik_limit``: first N records of GSM8K and MATH (test.json is always
-    whole: 280); ``em_limit``: GSM8K questions generated; ``max_length``: score only what training would see."""
+                  max_length: int | None = None, test_limit: int | None = None) -> list[dict]:
+    """The four offline task dicts. ``loglik_limit``: first N records of GSM8K and MATH; ``test_limit``: first N
+    of test.json (default all 280); ``em_limit``: GSM8K questions generated; ``max_length``: score only what
+    training would see."""
     shared = Path(shared_data)
     work = Path(work_dir) if work_dir else REPO / "runs" / "llama3" / "eval_tasks"
     gsm8k = questions_to_alpaca(shared / "gsm8k" / "test.jsonl", work / "gsm8k_test.alpaca.jsonl", "question", "answer")
@@ -58,7 +59,7 @@ def offline_tasks(tokenizer, shared_data: str | Path = SHARED_DATA, work_dir: st
     rendered = work / "rendered"
     return [
         response_loglik_task("llama3_test", shared / "scalebio_math_exp_rlhflow_less_oss" / "test.json",
-                             tokenizer=tokenizer, rendered_dir=rendered, max_length=max_length),
+                             tokenizer=tokenizer, limit=test_limit, rendered_dir=rendered, max_length=max_length),
         response_loglik_task("gsm8k_test_loglik", gsm8k, fmt="alpaca", tokenizer=tokenizer, limit=loglik_limit,
                              rendered_dir=rendered, max_length=max_length),
         response_loglik_task("math_test_loglik", math, fmt="alpaca", tokenizer=tokenizer, limit=loglik_limit,

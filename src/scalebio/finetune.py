@@ -93,11 +93,13 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     records = data_mod.load_source(cfg.train, cfg)  # type: ignore[arg-type]
     if not records:
         raise ConfigError(f"{cfg.train.path}: no training records")
-    fmt = cfg.train.format if cfg.train.format != "auto" else data_mod.detect_format(records[0])
     examples = []
     truncated = 0
     for i, rec in enumerate(records):
-        data_mod.check_record(rec, fmt, f"{cfg.train.path}: record {i}")
+        # Per record: a resampled file mixes sources of different formats (alpaca and conversations).
+        where = f"{cfg.train.path}: record {i}"
+        fmt = cfg.train.format if cfg.train.format != "auto" else data_mod.detect_format(rec, where)
+        data_mod.check_record(rec, fmt, where)
         ids, labels, cut = data_mod.tokenize_record(rec, fmt, tokenizer, cfg.max_length)
         truncated += cut
         if any(x != -100 for x in labels):
