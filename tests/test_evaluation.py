@@ -171,3 +171,45 @@ def test_instruction_task_needs_tokenizer(tmp_path):
     data = write_jsonl(tmp_path / "val.jsonl", alpaca_records(2, seed=0))
     with pytest.raises(ValueError, match="tokenizer"):
         ev.response_loglik_task("x", data)
+
+
+def test_plain_response_doc_cuts_at_a_space_within_the_byte_budget():
+    rec = {"instruction": "Say hi", "input": "twice", "output": "héllo " * 20}
+    doc = ev.plain_response_doc(rec)
+    assert doc["prompt"] == "### Instruction:\nSay hi\n\n### Input:\ntwice\n\n### Response:\n"
+    assert doc["n_response_bytes"] == len(doc["response"].encode()) <= ev.RESPONSE_BYTES
+    assert rec["output"].startswith(doc["response"]) and doc["response"].endswith("héllo")
+    conv = {"conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"},
+                              {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]}
+    doc = ev.plain_response_doc(conv)
+    assert doc["prompt"].endswith("Q2\n\n### Response:\n") and "A1" in doc["prompt"] and doc["response"] == "A2"
+    assert ev.cut_utf8("日本語", 4) == "日"  # never half a character
+
+
+@pytest.mark.parametrize("task", ["denoising", "instruction_following"])
+def test_experiment_yaml_bits_per_byte_matches_direct(tmp_path, tok, tiny_model, task):
+    """The GPT-2 experiment's own task YAML, run through lm-eval, gives Σ log p(response | prompt) / bytes / ln 2
+    computed directly with the model, scoring the prompt and the response tokenised separately."""
+    import math
+
+    from conftest import REPO
+
+    records = alpaca_records(N_RECORDS, seed=1)
+    data = write_jsonl(tmp_path / "test.jsonl", records)
+    yaml_path = REPO / "experiments" / "gpt2" / task / "lm_eval" / f"gpt2_{task}_test.yaml"
+    cfg = ev.load_task_yaml(yaml_path, data)
+    assert cfg["task"] == f"gpt2_{task}_test" and callable(cfg["process_docs"])
+    result = ev.evaluate(tiny_model, tok, [cfg], tmp_path / "eval.json", max_length=64)
+    got = result["tasks"][cfg["task"]]["bits_per_byte"]
+    total_ll, total_bytes = 0.0, 0
+    for rec in records:
+        doc = ev.plain_response_doc(rec)
+        ctx = tok(doc["prompt"], add_special_tokens=False)["input_ids"]
+        tgt = tok(doc["response"], add_special_tokens=False)["input_ids"]
+        ids = (ctx + tgt)[-65:]  # lm-eval's left cut to the window (+1 for the shift)
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_model(torch.tensor([ids[:-1]])).logits[0].double(), -1)
+        positions = range(len(ids) - 1 - len(tgt), len(ids) - 1)
+        total_ll += sum(logp[p, ids[p + 1]].item() for p in positions)
+        total_bytes += doc["n_response_bytes"]
+    assert got == pytest.approx(-total_ll / total_bytes / math.log(2), rel=1e-5)

@@ -1,5 +1,6 @@
 """Run one GPT-2 experiment end to end: build data → reweight (per variant and seed) → retrain on data drawn by
-the learned and by uniform weights → evaluate both with lm-eval on the test set → copy small results.
+the learned and by uniform weights → evaluate both with lm-eval on the test set
+(through the task YAML in ``experiments/gpt2/<task>/lm_eval/``) → copy small results.
 
     python experiments/gpt2/pipeline.py denoising [--preset cpu] [--smoke]
 
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
 from scalebio.config import load_config  # noqa: E402
-from scalebio.evaluation import evaluate, response_loglik_task  # noqa: E402
+from scalebio.evaluation import evaluate, load_task_yaml  # noqa: E402
 from scalebio.finetune import FinetuneConfig, finetune  # noqa: E402
 from scalebio.resample import pool_from_run, resample  # noqa: E402
 from scalebio.reweight import run_reweight  # noqa: E402
@@ -116,10 +117,12 @@ def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Pat
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(model_dir))
-            task_cfg = response_loglik_task(f"gpt2_{task}_test", data_dir / "test.jsonl", tokenizer=tok,
-                                            limit=r.get("eval_limit"), rendered_dir=work, max_length=ft.max_length)
+            # The task YAML kept in the experiment folder, pointed at this variant's test file; scored within
+            # the window the model was trained on.
+            task_cfg = load_task_yaml(plan["folder"] / (variant.get("eval_task") or r["eval_task"]), data_dir / "test.jsonl")
             out.mkdir(parents=True, exist_ok=True)
-            evaluate(str(model_dir), tok, [task_cfg], work / "eval.json", limit=r.get("eval_limit"))
+            evaluate(str(model_dir), tok, [task_cfg], work / "eval.json", limit=r.get("eval_limit"),
+                     max_length=ft.max_length)
             manifest = {k: v for k, v in manifest.items() if k not in ("weights_file",)}
             (out / "resample.json").write_text(json.dumps(manifest, indent=2) + "\n")
             shutil.copy2(work / "finetune" / "metrics.jsonl", out / "finetune_metrics.jsonl")

@@ -25,7 +25,7 @@ from scalebio.plotting import save_figure, style  # noqa: E402
 from scalebio.results import read_jsonl  # noqa: E402
 
 TASKS = ("denoising", "multilingual", "instruction_following")
-METRIC = "nll_per_token"
+METRIC = "bits_per_byte"
 START, END = "<!-- gpt2-claims:start -->", "<!-- gpt2-claims:end -->"
 
 
@@ -135,7 +135,7 @@ def claims_table(summary: dict) -> str:
                 n = len(m["learned"]["values"])
                 parts.append(f"{variant}: learned {m['learned']['mean']:.3f} ± {m['learned']['std']:.3f} vs uniform "
                              f"{m['uniform']['mean']:.3f} ± {m['uniform']['std']:.3f} ({n} seeds)")
-        lines.append(f"| {task.replace('_', ' ')} | retraining on learned weights beats uniform (test NLL/token, lower is better) | {cmd} "
+        lines.append(f"| {task.replace('_', ' ')} | retraining on learned weights beats uniform (test bits per byte of the response, lm-eval task YAML in the experiment folder; lower is better) | {cmd} "
                      f"| `results/gpt2/{task}/*/retrain/*/eval.json` | {'; '.join(parts)} | {'yes' if s['claim_learned_beats_uniform'] else 'no'} | — (not reported for GPT-2) |")
     return "\n".join(lines) + "\n"
 
@@ -182,7 +182,7 @@ def plot(summary: dict, root: Path, figures: Path) -> list[Path]:
             sns.barplot(data=retrain, x="variant", y=METRIC, hue="method", errorbar="sd", ax=axes[1])
             lo = retrain[METRIC].min()
             axes[1].set_ylim(lo * 0.97, retrain[METRIC].max() * 1.01)
-            axes[1].set_title("retrained model: test NLL per token (lower is better)")
+            axes[1].set_title("retrained model: test bits per byte (lower is better)")
         fig.tight_layout()
         out.append(save_figure(fig, figures / f"gpt2_{task}_summary.png"))
         plt.close(fig)

@@ -36,6 +36,14 @@ reports an nll_per_token that includes log p("\\n" | prompt) while still dividin
 Multi-turn conversations: the context is everything before the last assistant reply, and the target is that
 reply (earlier replies are context, not scored).
 
+Plain-template YAML tasks (``plain_response_docs`` / ``process_plain_response``, used by the task YAMLs kept in
+``experiments/gpt2/<task>/lm_eval/``): tokenizer-free, so one YAML serves every model. Each alpaca /
+conversations record becomes ``{"prompt", "response", "n_response_bytes"}``: the plain template up to the last
+assistant reply (no BOS), and that reply cut to its first RESPONSE_BYTES (64) UTF-8 bytes (at a space when one
+is in the second half), so that the scored response fits the short windows our small models are trained on
+(lm-eval cuts the prompt from the left when prompt and response together do not fit). The
+metric is ``bits_per_byte`` of that response (and ``byte_perplexity``); no eos is scored.
+
 Generation tasks (``exact_match_task``): the question is rendered as a one-turn prompt with the same template,
 the model generates greedily, a regex filter keeps the last number of its output and ``exact_match`` compares
 it with the last number of the reference answer, ignoring "," "$" and a trailing ".".
@@ -90,6 +98,13 @@ def process_text_rolling(doc: dict, results: Sequence[float]) -> dict:
     if "n_tokens" in doc:
         out["nll_per_token"] = (ll, int(doc["n_tokens"]))
     return out
+
+
+def process_plain_response(doc: dict, results: Sequence[tuple[float, bool]]) -> dict:
+    """Per-document items of a plain-template response task: (loglik, response bytes)."""
+    ll, _is_greedy = results[0]
+    n_bytes = int(doc["n_response_bytes"])
+    return {"bits_per_byte": (ll, n_bytes), "byte_perplexity": (ll, n_bytes)}
 
 
 def nll_per_token(items: Iterable[tuple[float, int]]) -> float:
@@ -185,6 +200,50 @@ def render_prompt(question: str, tokenizer=None) -> str:
     segments = render_segments({"instruction": question, "input": "", "output": ""}, "alpaca", tok)
     first_loss = next((i for i, (_, loss) in enumerate(segments) if loss), len(segments))
     return "".join(_segment_text(s, tok) for s, _ in segments[:first_loss])
+
+
+RESPONSE_BYTES = 64
+"""Plain-template YAML tasks score the first this-many UTF-8 bytes of each response (module docstring). A
+byte-level BPE gives at most one token per byte, so the response fits any scoring window of 64 tokens or more
+(the CPU presets are trained at 64); the prompt is cut from the left when both do not fit."""
+
+
+def cut_utf8(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, at a whole character, and back to the last space when
+    that space lies in the second half (so a word is not split)."""
+    raw = text.encode("utf-8")
+    if len(raw) <= max_bytes:
+        return text
+    cut = raw[:max_bytes].decode("utf-8", errors="ignore")
+    space = cut.rfind(" ")
+    return cut[:space] if space > len(cut) // 2 else cut
+
+
+def plain_response_doc(record: dict, max_bytes: int = RESPONSE_BYTES) -> dict:
+    """``{"prompt", "response", "n_response_bytes"}``: the plain-template prompt up to the last assistant reply
+    (as training renders it for a tokenizer without a chat template, no BOS) and that reply's first bytes."""
+    record = {k: record[k] for k in record.keys()}  # datasets hands lazy rows to map/filter
+    fmt = detect_format(record)
+    check_record(record, fmt, "plain_response_doc")
+    if fmt == "text":
+        raise DataError("plain_response_doc: a text record has no response (use a loglikelihood_rolling task)")
+    segments = render_segments(record, fmt, _NoSpecialTokens())
+    loss_at = [i for i, (_, loss) in enumerate(segments) if loss]
+    if not loss_at:
+        raise DataError("record has no response to score")
+    start = loss_at[-1]
+    while start > 0 and segments[start - 1][1]:
+        start -= 1
+    prompt = "".join(seg for seg, _ in segments[:start] if isinstance(seg, str))
+    response = cut_utf8([m for m in to_messages(record, fmt) if m["role"] == "assistant"][-1]["content"], max_bytes)
+    return {"prompt": prompt, "response": response, "n_response_bytes": max(1, len(response.encode("utf-8")))}
+
+
+def plain_response_docs(dataset):
+    """lm-eval ``process_docs`` hook: a datasets.Dataset of alpaca / conversations records → plain_response_doc
+    per record (records whose response is empty are dropped, as training drops them)."""
+    dataset = dataset.filter(lambda rec: bool(plain_response_doc(rec)["response"].strip()))
+    return dataset.map(plain_response_doc, remove_columns=dataset.column_names)
 
 
 def _load_records(data_file: Path, fmt: str, limit: int | None) -> tuple[list[dict], str]:
@@ -411,6 +470,25 @@ def _functions_in(value) -> list[str]:
     return []
 
 
+def load_task_yaml(path: str | Path, data_file: str | Path | None = None) -> dict:
+    """A task YAML as lm-eval reads it (``include`` merged, ``!function`` hooks imported), as a task dict;
+    ``data_file`` replaces its test file (the YAMLs name files relative to the repository root)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task YAML {path} not found")
+    task = load_yaml(path)
+    if "task" not in task:
+        raise ValueError(f"{path}: not an lm-eval task YAML (no 'task' key)")
+    if data_file is not None:
+        data_file = Path(data_file).resolve()
+        if not data_file.is_file():
+            raise FileNotFoundError(f"{path}: test file {data_file} not found")
+        task.setdefault("dataset_kwargs", {})["data_files"] = {task.get("test_split", "test"): str(data_file)}
+    return task
+
+
 def _yaml_task_name(path: Path) -> str:
     cfg = yaml.load(Path(path).read_text(), Loader=_TaskLoader)
     if not isinstance(cfg, dict) or "task" not in cfg:
@@ -426,16 +504,16 @@ def _scalebio_lm_class():
     from lm_eval.models.huggingface import HFLM
 
     class ScalebioHFLM(HFLM):
-        """HFLM that encodes the context and target of our response tasks separately, as training tokenises
-        prompt and response (no whitespace moved across the boundary, no BOS added: the rendered context
-        already has it when training does). Requests of other tasks use lm-eval's encoding."""
+        """HFLM that encodes the context and target of our response tasks (docs with ``n_response_bytes``)
+        separately, as training tokenises prompt and response (no whitespace moved across the boundary, no BOS
+        added: the rendered context already has it when training does). Other tasks use lm-eval's encoding."""
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             new_reqs = []
             for req in requests:
                 context, continuation = req.args
                 doc = getattr(req, "doc", None)
-                if isinstance(doc, dict) and "n_target_tokens" in doc and context:
+                if isinstance(doc, dict) and "n_response_bytes" in doc and context:
                     context_enc = self.tok_encode(context, add_special_tokens=False)
                     continuation_enc = self.tok_encode(continuation, add_special_tokens=False)
                 elif context:
@@ -446,13 +524,16 @@ def _scalebio_lm_class():
                         context_enc = [self.prefix_token_id]
                     else:
                         context_enc, continuation_enc = continuation_enc[:1], continuation_enc[1:]
+                if len(continuation_enc) > self.max_length:
+                    raise ValueError(f"{getattr(req, 'task_name', 'task')}: a target of {len(continuation_enc)} tokens "
+                                     f"does not fit the scoring window of {self.max_length} (evaluate's max_length)")
                 new_reqs.append(((context, continuation), context_enc, continuation_enc))
             return self._loglikelihood_tokens(new_reqs, disable_tqdm=disable_tqdm)
 
     return ScalebioHFLM
 
 
-def _make_lm(model_dir_or_model, tokenizer, batch_size: int, device: str):
+def _make_lm(model_dir_or_model, tokenizer, batch_size: int, device: str, max_length: int | None = None):
     import torch
     from lm_eval.api.model import LM
 
@@ -462,10 +543,11 @@ def _make_lm(model_dir_or_model, tokenizer, batch_size: int, device: str):
     if isinstance(model_dir_or_model, torch.nn.Module):
         # An in-memory model stays where it is (HFLM ignores `device` for it).
         name = getattr(model_dir_or_model, "name_or_path", None) or type(model_dir_or_model).__name__
-        return cls(pretrained=model_dir_or_model, tokenizer=tokenizer, batch_size=batch_size), str(name)
+        return cls(pretrained=model_dir_or_model, tokenizer=tokenizer, batch_size=batch_size,
+                   max_length=max_length), str(name)
     model_dir = str(model_dir_or_model)
     return cls(pretrained=model_dir, tokenizer=tokenizer if tokenizer is not None else model_dir,
-               batch_size=batch_size, device=device, dtype="float32"), model_dir
+               batch_size=batch_size, device=device, dtype="float32", max_length=max_length), model_dir
 
 
 def _task_manager(tasks: list[dict | str | Path]):
@@ -514,7 +596,8 @@ def compact_results(results: dict) -> dict[str, dict[str, float]]:
 
 
 def evaluate(model_dir_or_model, tokenizer, tasks: list[dict | str | Path], out: Path, limit: int | None = None,
-             batch_size: int = 8, device: str = "cpu", bootstrap_iters: int = 1000) -> dict:
+             batch_size: int = 8, device: str = "cpu", bootstrap_iters: int = 1000,
+             max_length: int | None = None) -> dict:
     """Run ``lm_eval.simple_evaluate`` and write ``out`` (compact eval.json) and ``out.with_suffix(".full.json")``
     (lm-eval's results without per-sample logs). Returns the compact dict.
 
@@ -522,13 +605,14 @@ def evaluate(model_dir_or_model, tokenizer, tasks: list[dict | str | Path], out:
     an ``lm_eval`` ``LM`` object. ``tasks``: task dicts from this module, task YAML paths, or built-in task
     names (mmlu, arc_challenge, hellaswag, truthfulqa_mc2, gsm8k; they download their data). ``limit``: at
     most this many documents per task. ``bootstrap_iters`` only matters for built-in metrics lm-eval
-    bootstraps; the weighted metrics of our tasks have no stderr.
+    bootstraps; the weighted metrics of our tasks have no stderr. ``max_length``: the model's context window for
+    scoring (lm-eval's HFLM ``max_length``; default the model's own), e.g. the length a small model was trained at.
     """
     import lm_eval
 
     if not tasks:
         raise ValueError("evaluate: no tasks")
-    lm, model_name = _make_lm(model_dir_or_model, tokenizer, batch_size, device)
+    lm, model_name = _make_lm(model_dir_or_model, tokenizer, batch_size, device, max_length)
     manager, specs = _task_manager(list(tasks))
     results = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit,
                                       log_samples=False, bootstrap_iters=bootstrap_iters)
