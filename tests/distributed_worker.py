@@ -2,8 +2,8 @@
 
     torchrun --nproc_per_node 2 tests/distributed_worker.py CONFIG OUT_DIR [key=value ...]
 
-Each rank writes OUT_DIR/rank<r>.json: the world size it saw, the LISA blocks it activated at every step, and
-its final λ.
+Each rank writes OUT_DIR/rank<r>.json: the world size it saw, the LISA blocks it activated at every step, its
+final λ, the sharding mode, and how many parameter elements of u and w it holds.
 """
 
 import json
@@ -38,8 +38,12 @@ def main() -> None:
     rw.run_loop(stop_after=int(stop) if stop else None, progress=False)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     Path(out).mkdir(parents=True, exist_ok=True)
+    # With FSDP each rank holds a shard of every parameter of u and w: count the elements it really holds.
+    params = list(rw.solver.u.parameters()) + list(rw.solver.w.parameters())
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({
-        "world_size": world, "lisa": seen, "lambda": rw.solver.lam.detach().tolist()}))
+        "world_size": world, "lisa": seen, "lambda": rw.solver.lam.detach().tolist(), "sharding": rw.sharding,
+        "local_numel": local, "numel": sum(p.numel() for p in params)}))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -155,6 +155,10 @@ class RunConfig:
     """Continue from the newest checkpoint in run_dir when there is one."""
     threads: int | None = None
     """torch CPU threads; ``null`` leaves torch's default."""
+    sharding: str = "auto"
+    """``none`` (u and w replicated on every rank, gradients all-reduced), ``fsdp`` (u and w sharded over ranks
+    with torch FSDP), or ``auto``: fsdp under ``accelerate launch`` with an FSDP config, else none
+    (scalebio.sharding)."""
     source_file: str | None = field(default=None, metadata={"internal": True})
     """The YAML this config was read from (set by the loader; relative paths resolve against its folder)."""
 
@@ -318,6 +322,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type 
 
 def validate_run_config(cfg: RunConfig) -> None:
     """Cross-field checks that do not need files or models."""
+    if cfg.sharding not in ("auto", "none", "fsdp"):
+        raise ConfigError(f"sharding: {cfg.sharding!r} is not one of auto, none, fsdp")
     m = cfg.model
     chosen = [k for k in ("name_or_path", "gguf_package", "architecture") if getattr(m, k)]
     if len(chosen) != 1:

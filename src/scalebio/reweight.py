@@ -20,6 +20,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from . import sharding
 from .config import RunConfig, save_config, to_dict
 from .lisa import Lisa
 from .models import build_model, load_tokenizer, special_token_ids
@@ -86,6 +87,13 @@ class Reweighting:
                         token_ids=special_token_ids(self.tokenizer))
         u.to(self.device)
         w = copy.deepcopy(u)  # u and w start equal
+        self.sharding, offload = sharding.resolve_mode(cfg.sharding, self.world)
+        if self.sharding == "fsdp":  # before LISA and the optimizers see the parameters
+            sharding.check_even_batches(cfg.solver.global_batch, cfg.solver.val_batch or cfg.solver.global_batch,
+                                        self.world)
+            sharding.shard(u, offload)
+            sharding.shard(w, offload)
+            log.info("u and w sharded over %d ranks with FSDP%s", self.world, " (CPU offload)" if offload else "")
         lisa_u = lisa_w = None
         if cfg.lisa.enabled:
             streams = (0, 0) if cfg.lisa.shared else (1, 2)
@@ -203,12 +211,15 @@ class Reweighting:
         return f"val={stats.val_loss:.3f} L2u={stats.train_loss_u:.3f} L2w={stats.train_loss_w:.3f} | {lead}"
 
     def _checkpoint(self, completed: int) -> None:
+        if self.rank != 0 and self.sharding == "none":
+            return
+        solver_state = self.solver.state_dict()  # with FSDP a collective: every rank gathers, rank 0 saves
         if self.rank != 0:
             return
         self.run.save_checkpoint(completed, {
             "step": completed,
             "config_digest": config_digest(self.cfg),
-            "solver": self.solver.state_dict(),
+            "solver": solver_state,
             "train_sampler": self.train_sampler.state_dict(),
             "val_sampler": self.val_sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),

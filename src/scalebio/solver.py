@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import sharding
 from .config import SolverConfig
 from .lisa import Lisa
 from .weights import mixture_loss, source_counts, source_sums
@@ -240,7 +241,8 @@ class ScaleBiO:
     def _finish(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Sum gradients over ranks, clip (on the unscaled loss's gradient), step, and free the gradients."""
         params = [q for q in model.parameters() if q.requires_grad]
-        _all_reduce_grads(params)
+        if not sharding.is_sharded(model):  # FSDP has reduce-scattered (summed) them already
+            _all_reduce_grads(params)
         if self.cfg.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
         optimizer.step()
@@ -263,12 +265,21 @@ class ScaleBiO:
 
     # -- checkpointing -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Full (unsharded) state. With FSDP-sharded u and w this is a collective that every rank calls; the
+        models' tensors are then only on rank 0."""
+        if sharding.is_sharded(self.u):
+            models = {"u": sharding.full_model_state(self.u), "w": sharding.full_model_state(self.w),
+                      "opt_u": sharding.full_optimizer_state(self.opt_u),
+                      "opt_w": sharding.full_optimizer_state(self.opt_w)}
+        else:
+            models = {"u": self.u.state_dict(), "w": self.w.state_dict(),
+                      "opt_u": self.opt_u.state_dict(), "opt_w": self.opt_w.state_dict()}
         return {
-            "u": self.u.state_dict(),
-            "w": self.w.state_dict(),
+            "u": models["u"],
+            "w": models["w"],
             "lam": self.lam.detach().clone(),
-            "opt_u": self.opt_u.state_dict(),
-            "opt_w": self.opt_w.state_dict(),
+            "opt_u": models["opt_u"],
+            "opt_w": models["opt_w"],
             "opt_lam": self.opt_lam.state_dict(),
             "alpha": self.alpha,
             "step_index": self.step_index,
@@ -277,8 +288,12 @@ class ScaleBiO:
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict``: the optimizers' parameter lists are first put back as they were when it
         was saved (the LISA blocks of the last completed step), so their state lines up."""
-        self.u.load_state_dict(state["u"])
-        self.w.load_state_dict(state["w"])
+        sharded = sharding.is_sharded(self.u)
+        for model, key in ((self.u, "u"), (self.w, "w")):
+            if sharded:
+                sharding.load_full_model_state(model, state[key])
+            else:
+                model.load_state_dict(state[key])
         with torch.no_grad():
             self.lam.copy_(state["lam"])
         self.step_index = state["step_index"]
@@ -286,5 +301,8 @@ class ScaleBiO:
             self.update_lisa(self.step_index - 1)
         self.opt_u.load_state_dict(state["opt_u"])
         self.opt_w.load_state_dict(state["opt_w"])
+        if sharded:
+            sharding.shard_optimizer_state(self.opt_u)
+            sharding.shard_optimizer_state(self.opt_w)
         self.opt_lam.load_state_dict(state["opt_lam"])
         self.alpha = state["alpha"]
