@@ -77,3 +77,48 @@ def test_two_process_run_resumes(runs):
     resumed = launch(config, tmp / "three_b", 2, [f"run_dir={run_dir}", f"sharding={mode}"])
     assert resumed[0]["lambda"] == pytest.approx(double[0]["lambda"], abs=1e-12)
     assert json.loads((run_dir / "weights.json").read_text())["lambda"] == pytest.approx(double[0]["lambda"], abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def finetune_config(tmp_path_factory):
+    from conftest import alpaca_records, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("ft")
+    write_jsonl(tmp / "train.jsonl", alpaca_records(32, seed=5))
+    cfg = {"output_dir": str(tmp / "out"), "seed": 0, "threads": 1,
+           "model": {"architecture": "llama", "config_overrides": {
+               "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "num_key_value_heads": 2}},
+           "tokenizer": {"kind": "gpt2_bpe"}, "train": {"path": str(tmp / "train.jsonl")},
+           "max_length": 64, "steps": 3, "global_batch": 8, "micro_batch": 2, "lr": 1e-3,
+           "lisa": {"enabled": True, "gamma": 1, "interval": 1}}
+    import yaml
+
+    (tmp / "ft.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp
+
+
+def _finetune(tmp, name, nproc, sharding):
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                      "--master_port", "29518"]
+    cli = ["-m", "scalebio.cli", "finetune", str(tmp / "ft.yaml"), f"output_dir={tmp / name}", f"sharding={sharding}",
+           "--no-progress"]
+    subprocess.run([sys.executable, *launcher, *cli], check=True, env=env, cwd=REPO, capture_output=True, timeout=300)
+    meta = json.loads((tmp / name / "meta.json").read_text())
+    losses = [json.loads(x)["train_loss"] for x in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+    return meta, losses, load_file(str(tmp / name / "model" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_finetune_two_ranks_match_one(finetune_config, sharding):
+    """scalebio finetune on 2 ranks (all-reduce or FSDP) gives the 1-process losses and weights (float32: 1e-5)."""
+    one_meta, one_losses, one_weights = _finetune(finetune_config, "one", 1, "none")
+    meta, losses, weights = _finetune(finetune_config, f"two_{sharding}", 2, sharding)
+    assert (one_meta["world_size"], meta["world_size"], meta["sharding"]) == (1, 2, sharding)
+    assert losses == pytest.approx(one_losses, abs=1e-5)
+    assert set(weights) == set(one_weights)
+    for key, value in one_weights.items():
+        assert (weights[key] - value).abs().max().item() < 1e-5, key

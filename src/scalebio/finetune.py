@@ -2,6 +2,11 @@
 
 Same model loading, tokenisation and per-example response-token loss as the solver; the step is the
 solver's w-update without the validation term: minimise the mean per-example loss with AdamW.
+
+Distributed like the solver: launched by torchrun or ``accelerate launch``, every rank draws the same global
+batch and takes its contiguous share; gradients are summed by an all-reduce (``sharding: none``) or by FSDP's
+reduce-scatter (``sharding: fsdp``, or ``auto`` under an FSDP / ZeRO-3 accelerate config; scalebio.sharding).
+Rank 0 writes the logs and the model.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from . import sharding
 from .config import ConfigError, LisaConfig, ModelConfig, SourceConfig, TokenizerConfig, resolve_relative, save_config
 from .lisa import Lisa
 from .models import build_model, load_tokenizer, special_token_ids
 from .results import RunDir, git_revision, hardware, package_versions, write_json
-from .solver import CausalLMObjective, NonFiniteLossError, lr_shape
+from .solver import CausalLMObjective, NonFiniteLossError, _all_reduce, _all_reduce_grads, lr_shape
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,8 @@ class FinetuneConfig:
     lisa: LisaConfig = field(default_factory=LisaConfig)
     save_model: bool = True
     threads: int | None = None
+    sharding: str = "auto"
+    """As in RunConfig: none | fsdp | auto (scalebio.sharding)."""
     source_file: str | None = field(default=None, metadata={"internal": True})
 
     def resolve_path(self, path: str) -> Path:
@@ -66,16 +74,22 @@ def validate_finetune_config(cfg: FinetuneConfig) -> None:
         raise ConfigError("model: set exactly one of name_or_path, gguf_package, architecture")
 
 
-def save_model(model, tokenizer, folder: Path) -> None:
+def save_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
     """save_pretrained, also for a GGUF-loaded model (which refuses it): rebuild a plain model of the same
-    class from its config without the quantization entry and copy the weights in."""
+    class from its config without the quantization entry and copy the weights in. ``state_dict``: the full
+    weights when ``model`` is sharded."""
     folder.mkdir(parents=True, exist_ok=True)
-    if getattr(model.config, "quantization_config", None) is not None or getattr(model, "hf_quantizer", None) is not None:
+    state = state_dict if state_dict is not None else model.state_dict()
+    if (getattr(model.config, "quantization_config", None) is not None or getattr(model, "hf_quantizer", None) is not None
+            or state_dict is not None):
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        plain = type(model)(config)
-        plain.load_state_dict(model.state_dict())
+        cls = type(model)
+        if sharding.is_sharded(model):  # fully_shard made the class FSDP<Model>(FSDPModule, Model)
+            cls = next(b for b in cls.__mro__[1:] if not b.__name__.startswith("FSDP"))
+        plain = cls(config)
+        plain.load_state_dict(state)
         model = plain
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
@@ -83,12 +97,20 @@ def save_model(model, tokenizer, folder: Path) -> None:
 
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     """Train and save; returns the model folder."""
+    from .reweight import init_distributed, rank_and_world, rank_slice
+
     validate_finetune_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = init_distributed()
+    rank, world = rank_and_world()
+    mode, offload = sharding.resolve_mode(cfg.sharding, world)
+    if mode == "fsdp" and cfg.global_batch % world:
+        raise ConfigError(f"global_batch: {cfg.global_batch} does not split evenly over {world} ranks (sharding: fsdp)")
     run = RunDir(cfg.output_dir)
-    save_config(cfg, run.path / "config.yaml")
-    (run.path / "metrics.jsonl").unlink(missing_ok=True)
+    if rank == 0:
+        save_config(cfg, run.path / "config.yaml")
+        (run.path / "metrics.jsonl").unlink(missing_ok=True)
     tokenizer = load_tokenizer(cfg)  # type: ignore[arg-type]  (same fields as RunConfig's)
     records = data_mod.load_source(cfg.train, cfg)  # type: ignore[arg-type]
     if not records:
@@ -107,7 +129,10 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     if not examples:
         raise ConfigError(f"{cfg.train.path}: every example lost its response to truncation (max_length {cfg.max_length})")
     model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.seed, token_ids=special_token_ids(tokenizer))
+    model.to(device)
     model.train()
+    if mode == "fsdp":
+        sharding.shard(model, offload)
     opt = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lisa = Lisa(model, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, 1, cfg.lisa.keep_all_state) if cfg.lisa.enabled else None
     objective = CausalLMObjective()
@@ -130,24 +155,35 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
             cursor += len(take)
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for i in range(0, len(picks), cfg.micro_batch):
-            batch = data_mod.collate([examples[j] for j in picks[i:i + cfg.micro_batch]], tokenizer.pad_token_id)
+        mine = rank_slice(picks, rank, world)  # this rank's share; the loss is normalised by the global batch
+        for i in range(0, len(mine), cfg.micro_batch):
+            batch = data_mod.collate([examples[j] for j in mine[i:i + cfg.micro_batch]], tokenizer.pad_token_id)
+            if device.type != "cpu":
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             ell = objective.per_example_loss(model, batch)
             if not torch.isfinite(ell).all():
                 raise NonFiniteLossError(step, "fine-tuning loss", float(ell[~torch.isfinite(ell)][0]))
             (ell.sum() / len(picks)).backward()
             total += float(ell.detach().sum())
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if mode == "none":
+            _all_reduce_grads(trainable)  # FSDP has reduce-scattered (summed) them already
         if cfg.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm)
         opt.step()
-        run.append("metrics.jsonl", {"step": step, "train_loss": total / len(picks), "lr": opt.param_groups[0]["lr"],
-                                     "active_blocks": list(lisa.active) if lisa else None})
+        total = float(_all_reduce(torch.tensor(total, dtype=torch.float64)))
+        if rank == 0:
+            run.append("metrics.jsonl", {"step": step, "train_loss": total / len(picks), "lr": opt.param_groups[0]["lr"],
+                                         "active_blocks": list(lisa.active) if lisa else None})
     folder = run.path / "model"
     if cfg.save_model:
-        save_model(model, tokenizer, folder)
-    write_json(run.path / "meta.json", {
-        "status": "finished", "seed": cfg.seed, "steps": steps, "examples": len(examples), "truncated": truncated,
-        "versions": package_versions(), "git_revision": git_revision(), "hardware": hardware(),
-        "wall_time_s": time.time() - t0,
-    })
+        full = sharding.full_model_state(model) if mode == "fsdp" else None  # collective
+        if rank == 0:
+            save_model(model, tokenizer, folder, full)
+    if rank == 0:
+        write_json(run.path / "meta.json", {
+            "status": "finished", "seed": cfg.seed, "steps": steps, "examples": len(examples), "truncated": truncated,
+            "world_size": world, "sharding": mode, "versions": package_versions(), "git_revision": git_revision(),
+            "hardware": hardware(), "wall_time_s": time.time() - t0,
+        })
     return folder

@@ -8,9 +8,15 @@ are reduce-scattered (summed: each rank's loss is its share of the global-batch 
 factor is set to 1). LISA freezes and unfreezes whole blocks, which FSDP handles per block; the optimizer still
 holds state only for the active blocks' shards.
 
-``sharding: auto`` picks fsdp when ``accelerate launch`` was given an FSDP config (it exports
-``ACCELERATE_USE_FSDP=true``; ``FSDP_OFFLOAD_PARAMS=true`` turns on CPU offload) and more than one rank runs,
-else none. Checkpoints gather the full state on rank 0 (CPU), so a run can resume on another number of ranks.
+``sharding: auto`` picks fsdp when more than one rank runs under ``accelerate launch`` with
+- an FSDP config (accelerate exports ``ACCELERATE_USE_FSDP=true``; ``FSDP_OFFLOAD_PARAMS=true`` turns on CPU
+  offload), or
+- a DeepSpeed config with ZeRO stage 3. The solver does not build DeepSpeed engines (two models and a
+  hand-made λ update do not fit ``accelerator.prepare``); it shards u and w with FSDP instead, which partitions
+  parameters, gradients and optimizer state as ZeRO-3 does. Offload is on when the DeepSpeed JSON offloads
+  parameters to the CPU. Stages 1 and 2 (which keep full parameters on every rank) run replicated.
+Otherwise none. Checkpoints gather the full state on rank 0 (CPU), so a run can resume on another number of
+ranks.
 """
 
 from __future__ import annotations
@@ -34,11 +40,34 @@ def resolve_mode(requested: str, world: int) -> tuple[str, bool]:
     """(mode, cpu_offload) for a run on ``world`` ranks; ``requested`` is the config's ``sharding``."""
     if requested not in MODES:
         raise ConfigError(f"sharding: {requested!r} is not one of {', '.join(MODES)}")
+    offload = _env_true("FSDP_OFFLOAD_PARAMS")
     if requested == "auto":
-        requested = "fsdp" if _env_true("ACCELERATE_USE_FSDP") and world > 1 else "none"
-    if requested == "fsdp" and world == 1:
+        requested = "none"
+        if _env_true("ACCELERATE_USE_FSDP"):
+            requested = "fsdp"
+        elif _env_true("ACCELERATE_USE_DEEPSPEED"):
+            stage, offload = _deepspeed_zero()
+            requested = "fsdp" if stage == 3 else "none"
+    if world == 1:
         requested = "none"  # one rank: nothing to shard
-    return requested, requested == "fsdp" and _env_true("FSDP_OFFLOAD_PARAMS")
+    return requested, requested == "fsdp" and offload
+
+
+def _deepspeed_zero() -> tuple[int, bool]:
+    """(ZeRO stage, parameters offloaded to CPU) of the DeepSpeed launch accelerate describes in the environment."""
+    import json
+
+    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
+    offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none").lower() == "cpu"
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and path != "none":
+        try:
+            zero = json.loads(open(path, encoding="utf-8").read()).get("zero_optimization", {})
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: cannot read the DeepSpeed config: {e}") from e
+        stage = int(zero.get("stage", stage))
+        offload = str(zero.get("offload_param", {}).get("device", "none")).lower() == "cpu"
+    return stage, offload
 
 
 def shard(model: nn.Module, cpu_offload: bool = False) -> nn.Module:
