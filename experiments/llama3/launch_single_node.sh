@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bash experiments/llama3/launch_single_node.sh            (from the repo root; SIZE=70b ACCELERATE_CONFIG=... to change)
 # The large-model pipeline on one node, stage by stage: pool → reweight → resample (learned, uniform) →
-# fine-tune both arms → evaluate. The accelerate configs describe the TARGET sharding; README.md
-# ("Distributed path today") says what the library does with several processes now.
+# fine-tune both arms → evaluate. Under either accelerate config, reweight and finetune shard their models with
+# torch FSDP (README.md, "Distributed path").
 set -euo pipefail
 
 SIZE=${SIZE:-8b}                                   # 8b | 70b
