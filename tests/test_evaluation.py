@@ -213,3 +213,20 @@ def test_experiment_yaml_bits_per_byte_matches_direct(tmp_path, tok, tiny_model,
         total_ll += sum(logp[p, ids[p + 1]].item() for p in positions)
         total_bytes += doc["n_response_bytes"]
     assert got == pytest.approx(-total_ll / total_bytes / math.log(2), rel=1e-5)
+
+
+def test_cli_evaluate_runs_an_experiment_yaml(tmp_path, tok, tiny_model):
+    """`scalebio evaluate MODEL --tasks <experiment YAML> --data-file F` writes eval.json with bits per byte."""
+    from conftest import REPO
+
+    from scalebio.cli import main
+
+    tiny_model.save_pretrained(str(tmp_path / "model"))
+    tok.save_pretrained(str(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "test.jsonl", alpaca_records(4, seed=2))
+    yaml_path = REPO / "experiments" / "gpt2" / "denoising" / "lm_eval" / "gpt2_denoising_test.yaml"
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(tmp_path / "model"), "--tasks", str(yaml_path), "--data-file", str(data),
+                 "--out", str(out), "--max-length", "64"]) == 0
+    metrics = json.loads(out.read_text())["tasks"]["gpt2_denoising_test"]
+    assert metrics["bits_per_byte"] > 0 and metrics["byte_perplexity"] == pytest.approx(2 ** metrics["bits_per_byte"])

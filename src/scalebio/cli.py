@@ -48,6 +48,33 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import evaluate, load_task_yaml
+
+    tasks = []
+    for task in args.tasks:
+        if task.endswith((".yaml", ".yml")):
+            tasks.append(load_task_yaml(task, args.data_file))
+        else:
+            tasks.append(task)  # a built-in lm-eval task (downloads its data)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(args.model, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **kwargs).to(device).eval()
+    result = evaluate(model, tokenizer, tasks, Path(args.out), limit=args.limit, batch_size=args.batch_size,
+                      device=device, max_length=args.max_length)
+    log.info("wrote %s: %s", args.out, result.get("tasks"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalebio", description="ScaleBiO: learn data-source weights by first-order bilevel optimisation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (shows every LISA switch)")
@@ -87,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     ft.add_argument("--no-progress", action="store_true")
     ft.set_defaults(func=_finetune)
+
+    ev = sub.add_parser("evaluate", help="lm-eval on one model: task YAMLs (e.g. experiments/*/lm_eval/) or built-in tasks",
+                        description="Writes OUT (compact eval.json: {tasks: {task: {metric: value}}}) and OUT's .full.json.")
+    ev.add_argument("model", help="a model directory (e.g. a finetune run's model/) or hub id")
+    ev.add_argument("--tasks", nargs="+", required=True, help="task YAML paths and/or built-in lm-eval task names")
+    ev.add_argument("--out", required=True, help="eval.json to write")
+    ev.add_argument("--data-file", default=None, help="replace the test file of the task YAMLs")
+    ev.add_argument("--max-length", type=int, default=None, help="scoring window in tokens (default the model's)")
+    ev.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    ev.add_argument("--gguf-file", default=None, help="a GGUF file inside MODEL")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ev.set_defaults(func=_evaluate)
     return parser
 
 
