@@ -26,6 +26,7 @@ from .config import ConfigError, LisaConfig, ModelConfig, SourceConfig, Tokenize
 from .lisa import Lisa
 from .models import build_model, load_tokenizer, special_token_ids
 from .results import RunDir, git_revision, hardware, package_versions, write_json
+from .reweight import init_distributed, rank_and_world, rank_slice
 from .solver import CausalLMObjective, NonFiniteLossError, _all_reduce, _all_reduce_grads, lr_shape
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,6 @@ def save_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -
 
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     """Train and save; returns the model folder."""
-    from .reweight import init_distributed, rank_and_world, rank_slice
-
     validate_finetune_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -268,18 +268,15 @@ class ScaleBiO:
         """Full (unsharded) state. With FSDP-sharded u and w this is a collective that every rank calls; the
         models' tensors are then only on rank 0."""
         if sharding.is_sharded(self.u):
-            models = {"u": sharding.full_model_state(self.u), "w": sharding.full_model_state(self.w),
-                      "opt_u": sharding.full_optimizer_state(self.opt_u),
-                      "opt_w": sharding.full_optimizer_state(self.opt_w)}
+            model_state, opt_state = sharding.full_model_state, sharding.full_optimizer_state
         else:
-            models = {"u": self.u.state_dict(), "w": self.w.state_dict(),
-                      "opt_u": self.opt_u.state_dict(), "opt_w": self.opt_w.state_dict()}
+            model_state = opt_state = lambda obj: obj.state_dict()
         return {
-            "u": models["u"],
-            "w": models["w"],
+            "u": model_state(self.u),
+            "w": model_state(self.w),
             "lam": self.lam.detach().clone(),
-            "opt_u": models["opt_u"],
-            "opt_w": models["opt_w"],
+            "opt_u": opt_state(self.opt_u),
+            "opt_w": opt_state(self.opt_w),
             "opt_lam": self.opt_lam.state_dict(),
             "alpha": self.alpha,
             "step_index": self.step_index,
