@@ -135,7 +135,7 @@ def claims_table(summary: dict) -> str:
                 n = len(m["learned"]["values"])
                 parts.append(f"{variant}: learned {m['learned']['mean']:.3f} ± {m['learned']['std']:.3f} vs uniform "
                              f"{m['uniform']['mean']:.3f} ± {m['uniform']['std']:.3f} ({n} seeds)")
-        lines.append(f"| {task.replace('_', ' ')} | retraining on learned weights beats uniform (test bits per byte of the response, lm-eval task YAML in the experiment folder; lower is better) | {cmd} "
+        lines.append(f"| {task.replace('_', ' ')} | retraining on learned weights beats uniform (test bits per byte through the lm-eval task YAML in the experiment folder; lower is better) | {cmd} "
                      f"| `results/gpt2/{task}/*/retrain/*/eval.json` | {'; '.join(parts)} | {'yes' if s['claim_learned_beats_uniform'] else 'no'} | — (not reported for GPT-2) |")
     return "\n".join(lines) + "\n"
 
