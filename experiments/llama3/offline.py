@@ -82,11 +82,11 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
     pool = (runs_root / "pool") if smoke else REPO / "data" / "llama3" / "pool"
     extra = SMOKE if smoke else {"pool_args": [], "reweight": [], "finetune": [], "n": None, "eval": EVAL}
     stages = 2 + 2 * len(seeds)  # reweight, base evaluation, (learned, uniform) per seed
-    t_start, done = time.time(), 0
+    t_start, done, skipped = time.time(), 0, 0  # skipped: stages whose output a previous run left
 
     def progress(what: str) -> None:
-        elapsed = time.time() - t_start
-        left = f"about {elapsed / done * (stages - done):.0f} s left" if done else "estimate after the first stage"
+        elapsed, ran = time.time() - t_start, done - skipped
+        left = f"about {elapsed / ran * (stages - done):.0f} s left" if ran else "estimate after the first stage"
         log.info("[offline %d/%d] %s (elapsed %.0f s, %s)", done, stages, what, elapsed, left)
 
     if not (pool / "manifest.json").is_file():
@@ -104,6 +104,8 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
         for name in RUN_FILES:
             shutil.copy2(rw_dir / name, rw_out / name)
         relativize(rw_out)
+    else:
+        skipped += 1
     done += 1
 
     # 2. The base model, before any fine-tuning.
@@ -119,6 +121,8 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
         base_out.mkdir(parents=True, exist_ok=True)
         shutil.copy2(work / "eval.json", base_out / "eval.json")
         relativize(base_out)
+    else:
+        skipped += 1
     done += 1
 
     # 3. Per seed: resample N by the learned weights and uniformly, fine-tune each arm for the same steps, evaluate.
@@ -128,7 +132,7 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
             progress(f"{method} seed {seed}: resample, fine-tune, evaluate")
             out = results_root / f"{method}_seed{seed}"
             if (out / "eval.json").is_file():
-                done += 1
+                done, skipped = done + 1, skipped + 1
                 continue
             work = runs_root / f"{method}_seed{seed}"
             ft = load_config(HERE / "finetune_offline.yaml", [f"seed={seed}", f"output_dir={work / 'finetune'}",
