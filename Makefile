@@ -42,7 +42,7 @@ gpt2-denoising-multilingual:
 gpt2-instruction-following:
 	$(BIN)/python experiments/gpt2/pipeline.py instruction_following
 
-reproduce-llama3-offline: setup ## the LLaMA-3 pipeline's offline preset on SmolLM2-135M (pool → reweight → resample → fine-tune → lm-eval → Table 1; about 75 min on 2 cores)
+reproduce-llama3-offline: setup ## the LLaMA-3 pipeline's offline preset on SmolLM2-135M (pool → reweight → resample → fine-tune → lm-eval → Table 1; about 70 min on 2 cores)
 	$(BIN)/python experiments/llama3/offline.py
 
 figures: ## rebuild every table and figure from results/ alone (seconds)
