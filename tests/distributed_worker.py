@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/distributed_worker.py CONFIG OUT_DIR [key=value ...]
 
 Each rank writes OUT_DIR/rank<r>.json: the world size it saw, the LISA blocks it activated at every step, its
-final λ, the sharding mode, and how many parameter elements of u and w it holds.
+final λ, the sharding mode and CPU offload, and how many parameter elements of u and w it holds.
 """
 
 import json
@@ -42,7 +42,8 @@ def main() -> None:
     params = list(rw.solver.u.parameters()) + list(rw.solver.w.parameters())
     local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({
-        "world_size": world, "lisa": seen, "lambda": rw.solver.lam.detach().tolist(), "sharding": rw.sharding,
+        "world_size": world, "lisa": seen, "lambda": rw.solver.lam.detach().tolist(),
+        "sharding": rw.sharding, "offload": rw.offload,
         "local_numel": local, "numel": sum(p.numel() for p in params)}))
     if dist.is_initialized():
         dist.barrier()

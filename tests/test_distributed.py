@@ -122,3 +122,29 @@ def test_finetune_two_ranks_match_one(finetune_config, sharding):
     assert set(weights) == set(one_weights)
     for key, value in one_weights.items():
         assert (weights[key] - value).abs().max().item() < 1e-5, key
+
+
+@pytest.mark.parametrize("launch_file, extra_flags, offload", [
+    ("accelerate_fsdp.yaml", ["--mixed_precision", "no"], False),
+    ("accelerate_deepspeed_zero3.yaml", [], True),  # ZeRO-3 + parameter offload → FSDP with CPU offload
+])
+def test_repo_accelerate_files_launch_sharded_runs(tmp_path, launch_file, extra_flags, offload):
+    """`accelerate launch --config_file experiments/llama3/<file>` (2 CPU processes): the run really has 2 ranks,
+    shards u and w with FSDP by itself (sharding: auto), and gives the 1-process λ."""
+    config = tiny_run_config(tmp_path)
+    single = launch(config, tmp_path / "one", 1, [f"run_dir={tmp_path / 'run1'}"])
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [str(accelerate), "launch", "--config_file", str(REPO / "experiments" / "llama3" / launch_file),
+           "--num_processes", "2", "--main_process_port", "29521", *extra_flags,
+           str(REPO / "tests" / "distributed_worker.py"), str(config), str(tmp_path / "two"), *NO_DROPOUT,
+           f"run_dir={tmp_path / 'run2'}"]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["sharding"] for r in ranks] == ["fsdp", "fsdp"]
+    assert all(r["local_numel"] < 0.6 * r["numel"] for r in ranks)
+    assert [r["offload"] for r in ranks] == [offload, offload]
+    for r in ranks:
+        assert r["lambda"] == pytest.approx(single[0]["lambda"], abs=1e-6)

@@ -87,13 +87,13 @@ class Reweighting:
                         token_ids=special_token_ids(self.tokenizer))
         u.to(self.device)
         w = copy.deepcopy(u)  # u and w start equal
-        self.sharding, offload = sharding.resolve_mode(cfg.sharding, self.world)
+        self.sharding, self.offload = sharding.resolve_mode(cfg.sharding, self.world)
         if self.sharding == "fsdp":  # before LISA and the optimizers see the parameters
             sharding.check_even_batches(cfg.solver.global_batch, cfg.solver.val_batch or cfg.solver.global_batch,
                                         self.world)
-            sharding.shard(u, offload)
-            sharding.shard(w, offload)
-            log.info("u and w sharded over %d ranks with FSDP%s", self.world, " (CPU offload)" if offload else "")
+            sharding.shard(u, self.offload)
+            sharding.shard(w, self.offload)
+            log.info("u and w sharded over %d ranks with FSDP%s", self.world, " (CPU offload)" if self.offload else "")
         lisa_u = lisa_w = None
         if cfg.lisa.enabled:
             streams = (0, 0) if cfg.lisa.shared else (1, 2)
