@@ -29,20 +29,11 @@ from scalebio.config import load_config  # noqa: E402
 from scalebio.evaluation import evaluate, load_task_yaml  # noqa: E402
 from scalebio.finetune import FinetuneConfig, finetune  # noqa: E402
 from scalebio.resample import pool_from_run, resample  # noqa: E402
+from scalebio.results import relativize  # noqa: E402
 from scalebio.reweight import run_reweight  # noqa: E402
 
 log = logging.getLogger("gpt2.pipeline")
 SMALL_FILES = ("config.yaml", "meta.json", "data.json", "metrics.jsonl", "weights.jsonl", "weights.json")
-
-
-def relativize(folder: Path) -> None:
-    """Committed results name files relative to the repository root, not by this machine's absolute paths."""
-    prefix = str(REPO) + "/"
-    for path in folder.rglob("*"):
-        if path.suffix in (".json", ".jsonl", ".yaml") and path.is_file():
-            text = path.read_text()
-            if prefix in text:
-                path.write_text(text.replace(prefix, ""))
 
 
 def load_plan(task: str, preset: str, smoke: bool) -> dict:
@@ -93,7 +84,7 @@ def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Pat
             out.mkdir(parents=True, exist_ok=True)
             for f in SMALL_FILES:
                 shutil.copy2(run_dir / f, out / f)
-            relativize(out)
+            relativize(out, REPO)
         done += 1
 
     r = plan["retrain"]
@@ -127,7 +118,7 @@ def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Pat
             (out / "resample.json").write_text(json.dumps(manifest, indent=2) + "\n")
             shutil.copy2(work / "finetune" / "metrics.jsonl", out / "finetune_metrics.jsonl")
             shutil.copy2(work / "eval.json", out / "eval.json")
-            relativize(out)
+            relativize(out, REPO)
         done += 1
     progress("done")
     return results_root

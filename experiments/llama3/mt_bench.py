@@ -167,18 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if bool(args.judge_url) != bool(args.judge_model):
         parser.error("--judge-url and --judge-model go together")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from scalebio.evaluation import load_model
 
     folder = Path(args.mt_bench)
     questions = read_jsonl(folder / "question.jsonl")[: args.limit]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(args.model, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **kwargs).to(device).eval()
+    model, tokenizer = load_model(args.model, args.gguf_file, args.device)
     answers = generate_answers(model, tokenizer, questions, args.max_new_tokens)
     result = {"format": "scalebio.llama3.mt_bench/1", "model": args.model, "n_questions": len(answers),
               "generation": {"do_sample": False, "max_new_tokens": args.max_new_tokens}, "answers": answers}

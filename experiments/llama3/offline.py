@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE))
 from scalebio.config import load_config  # noqa: E402
 from scalebio.finetune import FinetuneConfig, finetune  # noqa: E402
 from scalebio.resample import pool_from_run, resample  # noqa: E402
+from scalebio.results import relativize  # noqa: E402
 from scalebio.reweight import run_reweight  # noqa: E402
 
 log = logging.getLogger("llama3.offline")
@@ -53,16 +54,6 @@ SMOKE = {
     "n": 16,
     "eval": {"loglik_limit": 4, "em_limit": 2, "max_gen_toks": 4, "test_limit": 4},
 }
-
-
-def relativize(folder: Path) -> None:
-    """Committed results name files relative to the repository root, not by this machine's absolute paths."""
-    prefix = str(REPO) + "/"
-    for path in folder.rglob("*"):
-        if path.suffix in (".json", ".jsonl", ".yaml") and path.is_file():
-            text = path.read_text()
-            if prefix in text:
-                path.write_text(text.replace(prefix, ""))
 
 
 def evaluate_model(model, tokenizer, out: Path, work: Path, max_length: int, settings: dict) -> None:
@@ -103,7 +94,7 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
         rw_out.mkdir(parents=True, exist_ok=True)
         for name in RUN_FILES:
             shutil.copy2(rw_dir / name, rw_out / name)
-        relativize(rw_out)
+        relativize(rw_out, REPO)
     else:
         skipped += 1
     done += 1
@@ -120,7 +111,7 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
         evaluate_model(model, tok, work / "eval.json", runs_root / "eval_tasks", cfg.data.max_length, extra["eval"])
         base_out.mkdir(parents=True, exist_ok=True)
         shutil.copy2(work / "eval.json", base_out / "eval.json")
-        relativize(base_out)
+        relativize(base_out, REPO)
     else:
         skipped += 1
     done += 1
@@ -146,16 +137,16 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
             weights = None if method == "uniform" else rw_dir / "weights.json"
             manifest = resample(weights, pool_records, n, seed, work / "train.jsonl")
             model_dir = finetune(ft, progress=sys.stderr.isatty())
-            from tasks import load_model
+            from scalebio.evaluation import load_model
 
-            model, tok = load_model(str(model_dir), None, "cpu")
+            model, tok = load_model(str(model_dir), device="cpu")
             evaluate_model(model, tok, work / "eval.json", runs_root / "eval_tasks", ft.max_length, extra["eval"])
             out.mkdir(parents=True, exist_ok=True)
             manifest = {k: v for k, v in manifest.items() if k != "weights_file"}
             (out / "resample.json").write_text(json.dumps(manifest, indent=2) + "\n")
             shutil.copy2(work / "finetune" / "metrics.jsonl", out / "finetune_metrics.jsonl")
             shutil.copy2(work / "eval.json", out / "eval.json")
-            relativize(out)
+            relativize(out, REPO)
             done += 1
     progress("done")
     return results_root

@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
 from scalebio.data import read_records  # noqa: E402
-from scalebio.evaluation import evaluate, exact_match_task, response_loglik_task, write_task_yaml  # noqa: E402
+from scalebio.evaluation import (evaluate, exact_match_task, load_model, response_loglik_task,  # noqa: E402
+                                 write_task_yaml)
 
 log = logging.getLogger("llama3.tasks")
 
@@ -70,18 +71,6 @@ def offline_tasks(tokenizer, shared_data: str | Path = SHARED_DATA, work_dir: st
     ]
 
 
-def load_model(model: str, gguf_file: str | None, device: str):
-    """Model and tokenizer from a directory or hub id (or a GGUF file inside it); bf16 on a GPU, fp32 on CPU."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs).to(device).eval()
-    return lm, tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

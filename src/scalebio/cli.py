@@ -52,9 +52,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import evaluate, load_task_yaml
+    from .evaluation import evaluate, load_model, load_task_yaml
 
     tasks = []
     for task in args.tasks:
@@ -63,12 +62,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:
             tasks.append(task)  # a built-in lm-eval task (downloads its data)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(args.model, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **kwargs).to(device).eval()
+    model, tokenizer = load_model(args.model, args.gguf_file, device)
     result = evaluate(model, tokenizer, tasks, Path(args.out), limit=args.limit, batch_size=args.batch_size,
                       device=device, max_length=args.max_length)
     log.info("wrote %s: %s", args.out, result.get("tasks"))

@@ -533,6 +533,22 @@ def _scalebio_lm_class():
     return ScalebioHFLM
 
 
+def load_model(model: str, gguf_file: str | None = None, device: str | None = None):
+    """(model, tokenizer) for evaluation from a directory or hub id (or a GGUF file inside it): bf16 on a GPU,
+    fp32 on the CPU, in eval mode on ``device`` (default cuda when available); a missing pad token is eos."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs).to(device).eval()
+    return lm, tokenizer
+
+
 def _make_lm(model_dir_or_model, tokenizer, batch_size: int, device: str, max_length: int | None = None):
     import torch
     from lm_eval.api.model import LM

@@ -119,6 +119,17 @@ class RunDir:
         return final
 
 
+def relativize(folder: str | Path, root: str | Path) -> None:
+    """Rewrite the small result files under ``folder`` (JSON, JSONL, YAML) so that paths under ``root`` are
+    relative to it: committed results do not name the machine's absolute paths."""
+    prefix = str(Path(root)) + "/"
+    for path in Path(folder).rglob("*"):
+        if path.suffix in (".json", ".jsonl", ".yaml") and path.is_file():
+            text = path.read_text()
+            if prefix in text:
+                path.write_text(text.replace(prefix, ""))
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Records of a JSONL file; a malformed line raises an error naming the file and the line."""
     from .data import read_records
