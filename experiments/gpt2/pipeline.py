@@ -12,9 +12,7 @@ exists is skipped, so an interrupted run continues where it stopped (reweighting
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shutil
 import subprocess
 import sys
 import time
@@ -29,11 +27,10 @@ from scalebio.config import load_config  # noqa: E402
 from scalebio.evaluation import evaluate, load_task_yaml  # noqa: E402
 from scalebio.finetune import FinetuneConfig, finetune  # noqa: E402
 from scalebio.resample import pool_from_run, resample  # noqa: E402
-from scalebio.results import relativize  # noqa: E402
+from scalebio.results import copy_retrain_results, copy_run_results  # noqa: E402
 from scalebio.reweight import run_reweight  # noqa: E402
 
 log = logging.getLogger("gpt2.pipeline")
-SMALL_FILES = ("config.yaml", "meta.json", "data.json", "metrics.jsonl", "weights.jsonl", "weights.json")
 
 
 def load_plan(task: str, preset: str, smoke: bool) -> dict:
@@ -81,10 +78,7 @@ def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Pat
                          *variant.get("overrides", []), *plan.get("overrides", [])]
             cfg = load_config(plan["config"], overrides)
             run_reweight(cfg, progress=sys.stderr.isatty())
-            out.mkdir(parents=True, exist_ok=True)
-            for f in SMALL_FILES:
-                shutil.copy2(run_dir / f, out / f)
-            relativize(out, REPO)
+            copy_run_results(run_dir, out, REPO)
         done += 1
 
     r = plan["retrain"]
@@ -111,14 +105,9 @@ def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Pat
             # The task YAML kept in the experiment folder, pointed at this variant's test file; scored within
             # the window the model was trained on.
             task_cfg = load_task_yaml(plan["folder"] / (variant.get("eval_task") or r["eval_task"]), data_dir / "test.jsonl")
-            out.mkdir(parents=True, exist_ok=True)
             evaluate(str(model_dir), tok, [task_cfg], work / "eval.json", limit=r.get("eval_limit"),
                      max_length=ft.max_length)
-            manifest = {k: v for k, v in manifest.items() if k not in ("weights_file",)}
-            (out / "resample.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            shutil.copy2(work / "finetune" / "metrics.jsonl", out / "finetune_metrics.jsonl")
-            shutil.copy2(work / "eval.json", out / "eval.json")
-            relativize(out, REPO)
+            copy_retrain_results(work, out, manifest, REPO)
         done += 1
     progress("done")
     return results_root

@@ -17,7 +17,6 @@ seed resamples and fine-tunes both arms.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import subprocess
@@ -33,12 +32,11 @@ sys.path.insert(0, str(HERE))
 from scalebio.config import load_config  # noqa: E402
 from scalebio.finetune import FinetuneConfig, finetune  # noqa: E402
 from scalebio.resample import pool_from_run, resample  # noqa: E402
-from scalebio.results import relativize  # noqa: E402
+from scalebio.results import copy_retrain_results, copy_run_results, relativize  # noqa: E402
 from scalebio.reweight import run_reweight  # noqa: E402
 
 log = logging.getLogger("llama3.offline")
 
-RUN_FILES = ("config.yaml", "meta.json", "data.json", "metrics.jsonl", "weights.jsonl", "weights.json")
 EVAL = {"loglik_limit": 300, "em_limit": 50, "max_gen_toks": 160}
 """Offline evaluation: the first 300 GSM8K / MATH test records by log-likelihood (test.json is whole), and greedy
 exact match on the first 50 GSM8K questions (generation is the slow part on 2 cores)."""
@@ -91,10 +89,7 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
     cfg = load_config(HERE / "offline_smollm2.yaml", [f"run_dir={rw_dir}", f"data.root={pool}", *extra["reweight"]])
     if not (rw_out / "weights.json").is_file():
         run_reweight(cfg, progress=sys.stderr.isatty())
-        rw_out.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:
-            shutil.copy2(rw_dir / name, rw_out / name)
-        relativize(rw_out, REPO)
+        copy_run_results(rw_dir, rw_out, REPO)
     else:
         skipped += 1
     done += 1
@@ -141,12 +136,7 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
 
             model, tok = load_model(str(model_dir), device="cpu")
             evaluate_model(model, tok, work / "eval.json", runs_root / "eval_tasks", ft.max_length, extra["eval"])
-            out.mkdir(parents=True, exist_ok=True)
-            manifest = {k: v for k, v in manifest.items() if k != "weights_file"}
-            (out / "resample.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            shutil.copy2(work / "finetune" / "metrics.jsonl", out / "finetune_metrics.jsonl")
-            shutil.copy2(work / "eval.json", out / "eval.json")
-            relativize(out, REPO)
+            copy_retrain_results(work, out, manifest, REPO)
             done += 1
     progress("done")
     return results_root

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from importlib import metadata
@@ -128,6 +129,32 @@ def relativize(folder: str | Path, root: str | Path) -> None:
             text = path.read_text()
             if prefix in text:
                 path.write_text(text.replace(prefix, ""))
+
+
+RUN_FILES = ("config.yaml", "meta.json", "data.json", "metrics.jsonl", "weights.jsonl", "weights.json")
+"""The small files of a reweighting run directory, the ones worth committing (no checkpoints, no tokenizer)."""
+
+
+def copy_run_results(run_dir: str | Path, out: str | Path, root: str | Path) -> None:
+    """Copy a reweighting run's RUN_FILES into ``out``, with paths under ``root`` made relative."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        shutil.copy2(Path(run_dir) / name, out / name)
+    relativize(out, root)
+
+
+def copy_retrain_results(work: str | Path, out: str | Path, manifest: dict, root: str | Path) -> None:
+    """The committed files of one retrain arm: ``resample.json`` (the resample manifest without the machine's
+    weights path; its sha256 stays), ``finetune_metrics.jsonl`` and ``eval.json``, from the arm's ``work``
+    folder (``finetune/metrics.jsonl``, ``eval.json``)."""
+    work, out = Path(work), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {k: v for k, v in manifest.items() if k != "weights_file"}
+    (out / "resample.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.copy2(work / "finetune" / "metrics.jsonl", out / "finetune_metrics.jsonl")
+    shutil.copy2(work / "eval.json", out / "eval.json")
+    relativize(out, root)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
