@@ -51,8 +51,6 @@ def _finetune(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from .evaluation import evaluate, load_model, load_task_yaml
 
     tasks = []
@@ -61,10 +59,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             tasks.append(load_task_yaml(task, args.data_file))
         else:
             tasks.append(task)  # a built-in lm-eval task (downloads its data)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, args.gguf_file, device)
+    model, tokenizer = load_model(args.model, args.gguf_file, args.device)
     result = evaluate(model, tokenizer, tasks, Path(args.out), limit=args.limit, batch_size=args.batch_size,
-                      device=device, max_length=args.max_length)
+                      max_length=args.max_length)  # the in-memory model stays on load_model's device
     log.info("wrote %s: %s", args.out, result.get("tasks"))
     return 0
 

@@ -104,8 +104,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     device = init_distributed()
     rank, world = rank_and_world()
     mode, offload = sharding.resolve_mode(cfg.sharding, world)
-    if mode == "fsdp" and cfg.global_batch % world:
-        raise ConfigError(f"global_batch: {cfg.global_batch} does not split evenly over {world} ranks (sharding: fsdp)")
+    if mode == "fsdp":
+        sharding.check_even_batches({"global_batch": cfg.global_batch}, world)
     run = RunDir(cfg.output_dir)
     if rank == 0:
         save_config(cfg, run.path / "config.yaml")

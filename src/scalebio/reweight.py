@@ -89,8 +89,8 @@ class Reweighting:
         w = copy.deepcopy(u)  # u and w start equal
         self.sharding, self.offload = sharding.resolve_mode(cfg.sharding, self.world)
         if self.sharding == "fsdp":  # before LISA and the optimizers see the parameters
-            sharding.check_even_batches(cfg.solver.global_batch, cfg.solver.val_batch or cfg.solver.global_batch,
-                                        self.world)
+            sharding.check_even_batches({"solver.global_batch": cfg.solver.global_batch,
+                                         "solver.val_batch": cfg.solver.val_batch or cfg.solver.global_batch}, self.world)
             sharding.shard(u, self.offload)
             sharding.shard(w, self.offload)
             log.info("u and w sharded over %d ranks with FSDP%s", self.world, " (CPU offload)" if self.offload else "")

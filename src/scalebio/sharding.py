@@ -136,9 +136,9 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 entry[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
 
 
-def check_even_batches(global_batch: int, val_batch: int, world: int) -> None:
+def check_even_batches(sizes: dict[str, int], world: int) -> None:
     """FSDP runs a collective in every forward and backward, so every rank needs the same number of
-    micro-batches: both batch sizes must split evenly over the ranks."""
-    for name, size in (("solver.global_batch", global_batch), ("solver.val_batch", val_batch)):
+    micro-batches: each batch size (config field → size) must split evenly over the ranks."""
+    for name, size in sizes.items():
         if size % world:
             raise ConfigError(f"{name}: {size} does not split evenly over {world} ranks (needed with sharding: fsdp)")
