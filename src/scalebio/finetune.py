@@ -26,8 +26,8 @@ from .config import ConfigError, LisaConfig, ModelConfig, SourceConfig, Tokenize
 from .lisa import Lisa
 from .models import build_model, load_tokenizer, special_token_ids
 from .results import RunDir, git_revision, hardware, package_versions, write_json
-from .reweight import init_distributed, rank_and_world, rank_slice
-from .solver import CausalLMObjective, NonFiniteLossError, _all_reduce, _all_reduce_grads, lr_shape
+from .distributed import all_reduce, all_reduce_grads, init_distributed, rank_and_world, rank_slice
+from .solver import CausalLMObjective, NonFiniteLossError, lr_shape
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +166,11 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
             total += float(ell.detach().sum())
         trainable = [p for p in model.parameters() if p.requires_grad]
         if mode == "none":
-            _all_reduce_grads(trainable)  # FSDP has reduce-scattered (summed) them already
+            all_reduce_grads(trainable)  # FSDP has reduce-scattered (summed) them already
         if cfg.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm)
         opt.step()
-        total = float(_all_reduce(torch.tensor(total, dtype=torch.float64)))
+        total = float(all_reduce(torch.tensor(total, dtype=torch.float64)))
         if rank == 0:
             run.append("metrics.jsonl", {"step": step, "train_loss": total / len(picks), "lr": opt.param_groups[0]["lr"],
                                          "active_blocks": list(lisa.active) if lisa else None})

@@ -9,18 +9,17 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import time
 from datetime import datetime, timezone
 from itertools import chain
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import sharding
+from .distributed import init_distributed, rank_and_world, rank_slice
 from .config import RunConfig, save_config, to_dict
 from .lisa import Lisa
 from .models import build_model, load_tokenizer, special_token_ids
@@ -31,36 +30,12 @@ from .weights import file_sha256, weights_record, write_weights
 log = logging.getLogger(__name__)
 
 
-def init_distributed() -> torch.device:
-    """Join the process group a launcher (torchrun, accelerate launch) set up, and pick this rank's device."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def micro_batches(examples: list, micro: int, pad_id: int, device: torch.device | None = None) -> list[dict]:
     """This rank's examples, collated in micro-batches of at most ``micro``, on ``device``."""
     out = [data_mod.collate(examples[i:i + micro], pad_id) for i in range(0, len(examples), micro)]
     if device is not None and device.type != "cpu":
         out = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in out]
     return out
-
-
-def rank_slice(items: list, rank: int, world: int) -> list:
-    """Rank r takes the r-th contiguous share of the global batch (sizes differ by at most one)."""
-    n = len(items)
-    start, stop = rank * n // world, (rank + 1) * n // world
-    return items[start:stop]
 
 
 def config_digest(cfg: RunConfig) -> str:

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from . import sharding
+from .distributed import all_reduce, all_reduce_grads
 from .config import SolverConfig
 from .lisa import Lisa
 from .weights import mixture_loss, source_counts, source_sums
@@ -98,31 +98,6 @@ class StepStats:
     source_counts: list[int]
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """Sum a small CPU tensor over ranks, in place (through the GPU when the backend is NCCL)."""
-    if _world() > 1:
-        if dist.get_backend() == "nccl":
-            on_gpu = t.cuda()
-            dist.all_reduce(on_gpu)
-            t.copy_(on_gpu.cpu())
-        else:
-            dist.all_reduce(t)
-    return t
-
-
-def _all_reduce_grads(params: Sequence[nn.Parameter]) -> None:
-    """Sum gradients over ranks: each rank's loss is its share of the global-batch objective."""
-    if _world() == 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-
-
 class ScaleBiO:
     """Holds u, w, λ and their AdamW optimizers; ``step`` performs one update of method.md §3.
 
@@ -181,11 +156,11 @@ class ScaleBiO:
         batch (all micro-batches, all ranks)."""
         k, alpha, step = self.k, self.alpha, self.step_index
         p = self.weights()
-        counts = _all_reduce(sum(source_counts(mb["source"].cpu(), k) for mb in train))
+        counts = all_reduce(sum(source_counts(mb["source"].cpu(), k) for mb in train))
         val_terms = torch.zeros((), dtype=torch.float64)
         for mb in val:
             val_terms += float(self.objective.validation_terms(mb))
-        val_terms = _all_reduce(val_terms)
+        val_terms = all_reduce(val_terms)
 
         self.opt_u.zero_grad(set_to_none=True)
         self.opt_w.zero_grad(set_to_none=True)
@@ -216,7 +191,7 @@ class ScaleBiO:
             (alpha * mixture_loss(ell, mb["source"], p, counts)).backward()
             sums_w += source_sums(ell.detach().double(), mb["source"], k).cpu()
 
-        sums_u, sums_w, val_sum = _all_reduce(sums_u), _all_reduce(sums_w), _all_reduce(val_sum)
+        sums_u, sums_w, val_sum = all_reduce(sums_u), all_reduce(sums_w), all_reduce(val_sum)
         present = counts > 0
         mean_u = torch.where(present, sums_u / counts.clamp(min=1), torch.zeros_like(sums_u))
         mean_w = torch.where(present, sums_w / counts.clamp(min=1), torch.zeros_like(sums_w))
@@ -242,7 +217,7 @@ class ScaleBiO:
         """Sum gradients over ranks, clip (on the unscaled loss's gradient), step, and free the gradients."""
         params = [q for q in model.parameters() if q.requires_grad]
         if not sharding.is_sharded(model):  # FSDP has reduce-scattered (summed) them already
-            _all_reduce_grads(params)
+            all_reduce_grads(params)
         if self.cfg.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
         optimizer.step()
