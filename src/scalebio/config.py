@@ -119,7 +119,11 @@ class SolverConfig:
     """α is multiplied by τ after every outer iteration."""
     outer_iterations: int = 1
     clip_grad_norm: float | None = None
-    """Clip the gradient norm of u and of w (on the unscaled losses); ``null`` = off."""
+    """c: clip u's gradient of L2 at norm c, and w's gradient of L1 + α·L2 at norm α·c (that is, c on the gradient
+    of L1/α + L2), as the released code clips both models at c·α on its α-scaled losses (method.md §3);
+    ``null`` = off."""
+    fused_w: bool = True
+    """w's forward and backward over V and B in one pass per micro-batch pair (the same gradient as two passes)."""
 
 
 @dataclass
@@ -155,6 +159,10 @@ class RunConfig:
     """Continue from the newest checkpoint in run_dir when there is one."""
     threads: int | None = None
     """torch CPU threads; ``null`` leaves torch's default."""
+    precision: str = "auto"
+    """Compute precision: ``bf16`` (autocast, fp32 master weights and optimizer state; losses, per-source means
+    and λ in fp32/fp64), ``fp32``, or ``auto``: bf16 on a CUDA GPU with bf16 or a CPU with AMX/AVX-512 BF16, else
+    fp32 (scalebio.precision; meta.json records the choice)."""
     sharding: str = "auto"
     """``none`` (u and w replicated on every rank, gradients all-reduced), ``fsdp`` (u and w sharded over ranks
     with torch FSDP), or ``auto``: fsdp under ``accelerate launch`` with an FSDP config, else none
@@ -322,6 +330,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type 
 
 def validate_run_config(cfg: RunConfig) -> None:
     """Cross-field checks that do not need files or models."""
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"precision: {cfg.precision!r} is not one of auto, fp32, bf16")
     if cfg.sharding not in ("auto", "none", "fsdp"):
         raise ConfigError(f"sharding: {cfg.sharding!r} is not one of auto, none, fsdp")
     m = cfg.model

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from . import sharding
+from . import precision, sharding
 from .distributed import init_distributed, rank_and_world, rank_slice
 from .config import RunConfig, save_config, to_dict
 from .lisa import Lisa
@@ -74,7 +74,10 @@ class Reweighting:
             streams = (0, 0) if cfg.lisa.shared else (1, 2)
             lisa_u = Lisa(u, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, streams[0], cfg.lisa.keep_all_state)
             lisa_w = Lisa(w, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, streams[1], cfg.lisa.keep_all_state)
-        self.solver = ScaleBiO(u, w, CausalLMObjective(), len(self.sources), cfg.solver, lisa_u, lisa_w)
+        self.compute_dtype = precision.resolve(cfg.precision, self.device)
+        objective = CausalLMObjective(chunked=self.sharding != "fsdp")
+        self.solver = ScaleBiO(u, w, objective, len(self.sources), cfg.solver, lisa_u, lisa_w,
+                               compute_dtype=self.compute_dtype, device=self.device)
         sizes = [len(s.examples) for s in self.sources]
         self.train_sampler = data_mod.BatchSampler(sizes, cfg.solver.global_batch, cfg.data.sampling, seed=cfg.seed)
         val_batch = cfg.solver.val_batch or cfg.solver.global_batch
@@ -212,6 +215,7 @@ class Reweighting:
             "git_revision": git_revision(),
             "hardware": hardware(),
             "world_size": self.world,
+            "precision": precision.record(self.cfg.precision, self.compute_dtype, self.device),
             "started": previous.get("started", datetime.now(timezone.utc).isoformat(timespec="seconds")),
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "wall_time_s": previous.get("wall_time_s", 0.0) + wall,

@@ -14,14 +14,16 @@ All gradients are taken at the same (u, w, λ) before any of the three optimizer
 from __future__ import annotations
 
 import math
+from itertools import zip_longest
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from . import sharding
+from . import precision, sharding
 from .distributed import all_reduce, all_reduce_grads
 from .config import SolverConfig
 from .lisa import Lisa
@@ -53,17 +55,46 @@ class CausalLMObjective:
 
     Training: each example's mean over its response tokens (method.md §3, "per-example loss").
     Validation: token-mean over all labelled tokens of the validation batch.
+
+    The LM head and the cross-entropy run only on labelled positions, in chunks of ``chunk_tokens`` rows, each
+    recomputed in the backward pass: the [tokens × vocab] logits are never materialised in fp32 (nor whole in
+    any dtype). ``chunked=False`` takes the model's full logits instead (needed when the model is FSDP-sharded,
+    whose root hooks must see the whole forward, and for heads that post-process logits, e.g. soft-capping).
     """
 
-    @staticmethod
-    def token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token CE [b, T−1] (0 where unlabelled) and the mask [b, T−1]."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, :-1].float()
+    def __init__(self, chunked: bool = True, chunk_tokens: int = 1024):
+        self.chunked, self.chunk_tokens = chunked, chunk_tokens
+
+    def _can_chunk(self, model: nn.Module) -> bool:
+        if not self.chunked or sharding.is_sharded(model):
+            return False
+        config = getattr(model, "config", None)
+        if config is None or getattr(config, "final_logit_softcapping", None):
+            return False
+        base = getattr(model, "base_model", None)
+        return base is not None and base is not model and model.get_output_embeddings() is not None
+
+    def token_losses(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token CE [b, T−1] in fp32 or wider (0 where unlabelled) and the mask [b, T−1]."""
         labels = batch["labels"][:, 1:]
-        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none")
         mask = labels != -100
-        return ce.view(labels.shape) * mask, mask
+        if not self._can_chunk(model):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = _at_least_fp32(logits[:, :-1])
+            ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
+                                 reduction="none")
+            return ce.view(labels.shape) * mask, mask
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        picked, targets = hidden[:, :-1][mask], labels[mask]          # [n, d], [n]: labelled positions only
+        head = model.get_output_embeddings()
+        parts = []
+        for start in range(0, picked.size(0), self.chunk_tokens):
+            h, y = picked[start:start + self.chunk_tokens], targets[start:start + self.chunk_tokens]
+            parts.append(checkpoint(_head_cross_entropy, head, h, y, use_reentrant=False))
+        flat = torch.cat(parts) if parts else _at_least_fp32(picked.new_zeros(0))
+        ce = torch.zeros(labels.shape, dtype=flat.dtype, device=flat.device)
+        ce = ce.index_put((mask.nonzero(as_tuple=True)), flat)
+        return ce, mask
 
     def per_example_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         ce, mask = self.token_losses(model, batch)
@@ -75,6 +106,37 @@ class CausalLMObjective:
 
     def validation_terms(self, batch: Batch) -> int:
         return int((batch["labels"][:, 1:] != -100).sum())
+
+    def joint_losses(self, model: nn.Module, val: Batch, train: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over a validation and a training micro-batch stacked (right-padded to one width):
+        (the validation loss sum, the training per-example losses [b]). Causal attention with right padding
+        leaves every real token's output unchanged, so this equals the two separate passes."""
+        both = stack_batches(val, train)
+        ce, mask = self.token_losses(model, both)
+        n_val = val["input_ids"].size(0)
+        per_example = ce[n_val:].sum(1) / mask[n_val:].sum(1).clamp(min=1)
+        return ce[:n_val].sum(), per_example
+
+
+def _head_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CE of ``head(hidden)`` against ``targets``, in fp32 or wider: hidden [n, d], targets [n] → [n]."""
+    return F.cross_entropy(_at_least_fp32(head(hidden)), targets, reduction="none")
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 → fp32 for the softmax; fp32 and fp64 stay as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def stack_batches(first: Batch, second: Batch) -> Batch:
+    """Rows of ``first`` then ``second`` in one batch, right-padded to the wider one (labels −100, mask 0)."""
+    width = max(first["input_ids"].size(1), second["input_ids"].size(1))
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    out = {}
+    for key, value in fill.items():
+        rows = [F.pad(b[key], (0, width - b[key].size(1)), value=value) for b in (first, second)]
+        out[key] = torch.cat(rows)
+    return out
 
 
 def lr_shape(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
@@ -106,8 +168,10 @@ class ScaleBiO:
     """
 
     def __init__(self, u: nn.Module, w: nn.Module, objective: Objective, num_sources: int, cfg: SolverConfig,
-                 lisa_u: Lisa | None = None, lisa_w: Lisa | None = None):
+                 lisa_u: Lisa | None = None, lisa_w: Lisa | None = None,
+                 compute_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.u, self.w, self.objective, self.k, self.cfg = u, w, objective, num_sources, cfg
+        self.compute_dtype, self.device = compute_dtype, torch.device(device)
         self.lisa_u, self.lisa_w = lisa_u, lisa_w
         # λ in float64: it has k entries, and the weights are the product.
         self.lam = nn.Parameter(torch.zeros(num_sources, dtype=torch.float64))
@@ -169,27 +233,37 @@ class ScaleBiO:
         # u on B: ∇u L2(λ, u; B)                                              (method.md §3, line 1)
         sums_u = torch.zeros(k, dtype=torch.float64)
         for mb in train:
-            ell = self.objective.per_example_loss(self.u, mb)
+            with self._autocast():
+                ell = self.objective.per_example_loss(self.u, mb)
             self._check(ell, "training loss under u", step)
             mixture_loss(ell, mb["source"], p, counts).backward()
             sums_u += source_sums(ell.detach().double(), mb["source"], k).cpu()
         # u's step can be taken now: nothing below reads u (λ uses ℓ^u recorded above, at the old u), so
         # the updates stay simultaneous, and u's gradients are freed before w's passes need memory.
-        self._finish(self.u, self.opt_u)
+        self._finish(self.u, self.opt_u, clip=self.cfg.clip_grad_norm)
 
         # w on V and B: ∇w [L1(w; V) + α L2(λ, w; B)]                          (method.md §3, line 2)
         val_sum = torch.zeros((), dtype=torch.float64)
-        for mb in val:
-            total, _ = self.objective.validation_loss(self.w, mb)
-            self._check(total, "validation loss under w", step)
-            (total / float(val_terms)).backward()
-            val_sum += total.detach().double().cpu()
         sums_w = torch.zeros(k, dtype=torch.float64)
-        for mb in train:
-            ell = self.objective.per_example_loss(self.w, mb)
-            self._check(ell, "training loss under w", step)
-            (alpha * mixture_loss(ell, mb["source"], p, counts)).backward()
-            sums_w += source_sums(ell.detach().double(), mb["source"], k).cpu()
+        for val_mb, train_mb in self._w_passes(val, train):
+            with self._autocast():
+                if val_mb is not None and train_mb is not None:   # one forward/backward over V and B together
+                    total, ell = self.objective.joint_losses(self.w, val_mb, train_mb)
+                elif val_mb is not None:
+                    total, _ = self.objective.validation_loss(self.w, val_mb)
+                    ell = None
+                else:
+                    total, ell = None, self.objective.per_example_loss(self.w, train_mb)
+            loss = 0.0
+            if total is not None:
+                self._check(total, "validation loss under w", step)
+                loss = total / float(val_terms)
+                val_sum += total.detach().double().cpu()
+            if ell is not None:
+                self._check(ell, "training loss under w", step)
+                loss = loss + alpha * mixture_loss(ell, train_mb["source"], p, counts)
+                sums_w += source_sums(ell.detach().double(), train_mb["source"], k).cpu()
+            loss.backward()
 
         sums_u, sums_w, val_sum = all_reduce(sums_u), all_reduce(sums_w), all_reduce(val_sum)
         present = counts > 0
@@ -200,7 +274,8 @@ class ScaleBiO:
         self.lambda_objective(mean_w, mean_u, val_sum / val_terms.clamp(min=1)).backward()
 
         # Simultaneous updates: every gradient of this step was taken at the same (u, w, λ).
-        self._finish(self.w, self.opt_w)
+        # w's loss is L1 + α L2: clip at α·c, i.e. at c on ∇(L1/α + L2), as the released code (method.md §3).
+        self._finish(self.w, self.opt_w, clip=self.cfg.clip_grad_norm and alpha * self.cfg.clip_grad_norm)
         self.opt_lam.step()
         self.step_index += 1
 
@@ -213,15 +288,25 @@ class ScaleBiO:
             source_counts=[int(c) for c in counts.tolist()],
         )
 
-    def _finish(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Sum gradients over ranks, clip (on the unscaled loss's gradient), step, and free the gradients."""
+    def _finish(self, model: nn.Module, optimizer: torch.optim.Optimizer, clip: float | None) -> None:
+        """Sum gradients over ranks, clip their norm at ``clip`` (None = off), step, and free the gradients."""
         params = [q for q in model.parameters() if q.requires_grad]
         if not sharding.is_sharded(model):  # FSDP has reduce-scattered (summed) them already
             all_reduce_grads(params)
-        if self.cfg.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    def _autocast(self):
+        return precision.autocast(self.compute_dtype, self.device)
+
+    def _w_passes(self, val: Sequence[Batch], train: Sequence[Batch]):
+        """(V micro-batch or None, B micro-batch or None) pairs for w's forward/backward passes: paired up for one
+        pass each when ``solver.fused_w`` and the objective can (``joint_losses``), else V's then B's."""
+        if self.cfg.fused_w and hasattr(self.objective, "joint_losses"):
+            return list(zip_longest(val, train))
+        return [(mb, None) for mb in val] + [(None, mb) for mb in train]
 
     def lambda_objective(self, mean_w: torch.Tensor, mean_u: torch.Tensor, val_loss: torch.Tensor) -> torch.Tensor:
         """The scalar whose λ-gradient is α [∇λ L2(λ, w) − ∇λ L2(λ, u)] = α J (ℓ^w − ℓ^u), J = diag(p) − p pᵀ.
