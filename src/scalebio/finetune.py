@@ -156,7 +156,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
                                        bf16=cfg.model.dtype == "bfloat16")
         engine = sharding.deepspeed_engine(model, opt, ds)
         opt = engine.optimizer  # its param_groups are AdamW's: the schedule below sets lr there
-        engine_meta = sharding.deepspeed_summary(ds, ds_file)
+        engine_meta = sharding.deepspeed_summary(engine, ds_file)
         log.info("DeepSpeed engine: %s", engine_meta)
     objective = CausalLMObjective()
     steps = cfg.steps or max(1, int(cfg.epochs * len(examples)) // cfg.global_batch)

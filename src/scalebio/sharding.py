@@ -295,14 +295,22 @@ def _walk(tree: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def deepspeed_summary(ds: dict, path: str | None) -> dict:
-    """What meta.json records of the engine: the JSON, ZeRO stage, offload devices, precision, accumulation."""
-    zero = ds.get("zero_optimization", {})
-    return {"config_file": path, "zero_stage": int(zero.get("stage", 0)),
-            "offload_param": zero.get("offload_param", {}).get("device", "none"),
-            "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none"),
-            "bf16": bool(ds.get("bf16", {}).get("enabled")), "fp16": bool(ds.get("fp16", {}).get("enabled")),
-            "gradient_accumulation_steps": ds["gradient_accumulation_steps"]}
+def deepspeed_summary(engine, path: str | None) -> dict:
+    """What meta.json records of the engine, read from the engine itself: its JSON, ZeRO stage, offload devices,
+    precision, accumulation steps, optimizer class, and how many parameter elements rank 0 holds."""
+    def device(offload) -> str:
+        return str(getattr(offload.device, "value", offload.device)) if offload is not None else "none"
+
+    params = list(engine.module.parameters())
+    return {"config_file": path, "zero_stage": int(engine.zero_optimization_stage()),
+            "offload_param": device(engine.zero_offload_param()),
+            "offload_optimizer": device(engine.zero_offload_optimizer()),
+            "bf16": bool(engine.bfloat16_enabled()), "fp16": bool(engine.fp16_enabled()),
+            "gradient_accumulation_steps": int(engine.gradient_accumulation_steps()),
+            "optimizer": type(engine.optimizer).__name__,
+            # ZeRO-3 leaves each parameter a 1/world partition (ds_tensor); stages 0-2 keep full parameters.
+            "rank0_parameter_numel": sum(getattr(q, "ds_tensor", q).numel() for q in params),
+            "parameter_numel": sum(getattr(q, "ds_numel", q.numel()) for q in params)}
 
 
 def single_process_group(device: torch.device) -> None:
