@@ -113,7 +113,9 @@ def _finetune(tmp, name, nproc, sharding, extra=(), launcher=None, env_extra=Non
     done = subprocess.run([*launcher, *cli], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     meta = json.loads((tmp / name / "meta.json").read_text())
-    losses = [json.loads(x)["train_loss"] for x in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(x) for x in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+    meta["grad_norms"] = [m["grad_norm"] for m in metrics]  # before clipping: catches a wrong gradient scale,
+    losses = [m["train_loss"] for m in metrics]           # which AdamW's updates alone hide
     return meta, losses, load_file(str(tmp / name / "model" / "model.safetensors"))
 
 
@@ -124,6 +126,7 @@ def test_finetune_two_ranks_match_one(finetune_config, sharding):
     meta, losses, weights = _finetune(finetune_config, f"two_{sharding}", 2, sharding)
     assert (one_meta["world_size"], meta["world_size"], meta["sharding"]) == (1, 2, sharding)
     assert losses == pytest.approx(one_losses, abs=1e-5)
+    assert meta["grad_norms"] == pytest.approx(one_meta["grad_norms"], rel=1e-3)
     assert set(weights) == set(one_weights)
     for key, value in one_weights.items():
         assert (weights[key] - value).abs().max().item() < 1e-5, key
@@ -163,6 +166,8 @@ def test_finetune_deepspeed_engine_two_ranks_match_one(finetune_config, full_fin
     else:
         assert engine["rank0_parameter_numel"] == engine["parameter_numel"]
     assert losses == pytest.approx(one_losses, abs=1e-5)
+    # The engine's norm before clipping (observed ≈ 3e-5 relative off the 1-process one; a wrong loss scale is 2×).
+    assert meta["grad_norms"] == pytest.approx(one_meta["grad_norms"], rel=1e-3)
     assert set(weights) == set(one_weights)
     for key, value in one_weights.items():
         assert (weights[key] - value).abs().max().item() < 1e-5, key

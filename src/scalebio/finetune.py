@@ -189,12 +189,16 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
             trainable = [p for p in model.parameters() if p.requires_grad]
             if mode == "none":
                 all_reduce_grads(trainable)  # FSDP has reduce-scattered (summed) them already
-            if cfg.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm)
+            # The norm before clipping (an infinite limit leaves the gradients as they are).
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm or float("inf"))
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
             opt.step()
+        else:
+            grad_norm = engine.get_global_grad_norm()  # the engine's, before its clipping
         total = float(all_reduce(torch.tensor(total, dtype=torch.float64)))
         if rank == 0:
-            run.append("metrics.jsonl", {"step": step, "train_loss": total / len(picks), "lr": opt.param_groups[0]["lr"],
+            run.append("metrics.jsonl", {"step": step, "train_loss": total / len(picks), "grad_norm": float(grad_norm),
+                                         "lr": opt.param_groups[0]["lr"],
                                          "active_blocks": list(lisa.active) if lisa else None})
     folder = run.path / "model"
     if cfg.save_model:
