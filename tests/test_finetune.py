@@ -85,6 +85,9 @@ def test_deepspeed_mode_refuses_lisa_and_needs_a_json(tmp_path, monkeypatch):
     cfg = _config(tmp_path, alpaca_records(4, seed=5), deepspeed="ds.json", lisa={"enabled": True, "gamma": 1})
     with pytest.raises(ConfigError, match="lisa.enabled: LISA changes the trainable blocks"):
         finetune(cfg, progress=False)
+    cfg = _config(tmp_path, alpaca_records(4, seed=5), deepspeed="ds.json", sharding="fsdp")
+    with pytest.raises(ConfigError, match="deepspeed: ds.json is set but sharding is 'fsdp'"):
+        finetune(cfg, progress=False)
     cfg = _config(tmp_path, alpaca_records(4, seed=5), sharding="deepspeed")
     with pytest.raises(ConfigError, match="sharding: deepspeed needs a DeepSpeed JSON"):
         finetune(cfg, progress=False)

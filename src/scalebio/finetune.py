@@ -76,6 +76,9 @@ def validate_finetune_config(cfg: FinetuneConfig) -> None:
         raise ConfigError("train.path: required")
     if cfg.global_batch % cfg.micro_batch:
         raise ConfigError(f"global_batch: {cfg.global_batch} is not a multiple of micro_batch {cfg.micro_batch}")
+    if cfg.deepspeed and cfg.sharding not in ("auto", "deepspeed"):
+        raise ConfigError(f"deepspeed: {cfg.deepspeed} is set but sharding is {cfg.sharding!r}; use sharding=auto or "
+                          f"deepspeed, or drop the JSON")
     chosen = [k for k in ("name_or_path", "gguf_package", "architecture") if getattr(cfg.model, k)]
     if len(chosen) != 1:
         raise ConfigError("model: set exactly one of name_or_path, gguf_package, architecture")
