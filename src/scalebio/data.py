@@ -615,3 +615,49 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :t] = torch.tensor(e.labels, dtype=torch.long)
     source = torch.tensor([e.source for e in examples], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "source": source}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One training file whose records may mix formats (`scalebio finetune`), and a rank's micro-batches.
+
+
+def build_mixed_set(src: SourceConfig, cfg: RunConfig, tokenizer, max_length: int, chunk: int = 512) -> TokenizedSet:
+    """Every record of one source, checked and tokenised as ``build_datasets`` does a source, except that with
+    ``format: auto`` the format is detected per record: a resampled file mixes sources of different formats
+    (alpaca and conversations). Examples keep the file's order, with ``source`` 0; one whose loss tokens were all
+    cut is dropped and counted. stats: records, truncated, dropped_no_response, kept. DataError (naming the file
+    and the record) for an invalid record, an empty file, or one whose every example lost its response."""
+    label = _source_label(src)
+    records = load_source(src, cfg)
+    if not records:
+        raise DataError(f"{label}: empty: no records")
+    segments = []
+    for i, rec in enumerate(records):
+        where = f"{label}: record {i}"
+        fmt = src.format if src.format != "auto" else detect_format(rec, where)
+        check_record(rec, fmt, where)
+        segments.append(render_segments(rec, fmt, tokenizer))
+    examples, truncated, dropped = [], 0, 0
+    for start in range(0, len(segments), chunk):
+        for ids, labels in _tokenize_segments(segments[start:start + chunk], tokenizer):
+            ids, labels, cut = _truncate(ids, labels, max_length)
+            truncated += cut
+            if not _has_target(labels):
+                dropped += 1
+                continue
+            examples.append(Example(ids, labels, 0))
+    if not examples:
+        raise DataError(f"{label}: empty after truncation: every example lost its response (max_length {max_length})")
+    stats = {"records": len(records), "truncated": truncated, "dropped_no_response": dropped, "kept": len(examples)}
+    log.info("%s: %s", label, stats)
+    return TokenizedSet(src.name or "train", examples, stats)
+
+
+def micro_batches(examples: list[Example], micro: int, pad_id: int,
+                  device: torch.device | None = None) -> list[dict[str, torch.Tensor]]:
+    """``examples`` (a rank's share of a global batch) collated in micro-batches of at most ``micro``, on
+    ``device`` (a CUDA device: copied without blocking)."""
+    out = [collate(examples[i:i + micro], pad_id) for i in range(0, len(examples), micro)]
+    if device is not None and device.type != "cpu":
+        out = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in out]
+    return out

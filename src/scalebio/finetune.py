@@ -1,11 +1,14 @@
 """`scalebio finetune`: plain supervised fine-tuning (full or LISA) of one model on one data file.
 
-Same model loading, tokenisation and per-example response-token loss as the solver; the step is the
-solver's w-update without the validation term: minimise the mean per-example loss with AdamW.
+Same model loading, data path (scalebio.data: per-record format detection, tokenisation, collate, the pooled
+``BatchSampler``) and per-example response-token loss as the solver; the step is the solver's w-update without
+the validation term: minimise the mean per-example loss with AdamW.
 
 Distributed like the solver: launched by torchrun or ``accelerate launch``, every rank draws the same global
 batch and takes its contiguous share; gradients are summed by an all-reduce (``sharding: none``) or by FSDP's
 reduce-scatter (``sharding: fsdp``, or ``auto`` under an FSDP / ZeRO-3 accelerate config; scalebio.sharding).
+Under a DeepSpeed launch (accelerate's DeepSpeed config, or ``deepspeed: FILE.json``) the model trains in a
+DeepSpeed engine instead, with the JSON's ZeRO stage, offload and precision (``sharding: deepspeed``).
 Rank 0 writes the logs and the model.
 """
 
@@ -16,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -58,7 +60,11 @@ class FinetuneConfig:
     save_model: bool = True
     threads: int | None = None
     sharding: str = "auto"
-    """As in RunConfig: none | fsdp | auto (scalebio.sharding)."""
+    """none | fsdp | deepspeed | auto (scalebio.sharding): auto is deepspeed under a DeepSpeed launch or with
+    ``deepspeed`` set, fsdp under an FSDP accelerate config, else none."""
+    deepspeed: str | None = None
+    """A DeepSpeed JSON (e.g. experiments/llama3/ds_zero3_offload.json): train in a DeepSpeed engine with its ZeRO
+    stage, offload and precision, also on one rank. Unset: the JSON of an accelerate DeepSpeed launch, if any."""
     source_file: str | None = field(default=None, metadata={"internal": True})
 
     def resolve_path(self, path: str) -> Path:
@@ -70,6 +76,9 @@ def validate_finetune_config(cfg: FinetuneConfig) -> None:
         raise ConfigError("train.path: required")
     if cfg.global_batch % cfg.micro_batch:
         raise ConfigError(f"global_batch: {cfg.global_batch} is not a multiple of micro_batch {cfg.micro_batch}")
+    if cfg.deepspeed and cfg.sharding not in ("auto", "deepspeed"):
+        raise ConfigError(f"deepspeed: {cfg.deepspeed} is set but sharding is {cfg.sharding!r}; use sharding=auto or "
+                          f"deepspeed, or drop the JSON")
     chosen = [k for k in ("name_or_path", "gguf_package", "architecture") if getattr(cfg.model, k)]
     if len(chosen) != 1:
         raise ConfigError("model: set exactly one of name_or_path, gguf_package, architecture")
@@ -96,6 +105,15 @@ def save_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -
     tokenizer.save_pretrained(str(folder))
 
 
+def _deepspeed_file(cfg: FinetuneConfig) -> str | None:
+    if cfg.deepspeed:
+        path = cfg.resolve_path(cfg.deepspeed)
+        if not path.is_file():
+            raise ConfigError(f"deepspeed: {cfg.deepspeed}: file not found")
+        return str(path)
+    return sharding.deepspeed_launch_file()
+
+
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     """Train and save; returns the model folder."""
     validate_finetune_config(cfg)
@@ -103,7 +121,20 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
         torch.set_num_threads(cfg.threads)
     device = init_distributed()
     rank, world = rank_and_world()
-    mode, offload = sharding.resolve_mode(cfg.sharding, world)
+    requested = "deepspeed" if cfg.deepspeed and cfg.sharding == "auto" else cfg.sharding
+    mode, offload = sharding.resolve_mode(requested, world, deepspeed_engine=True)
+    ds_file = _deepspeed_file(cfg) if mode == "deepspeed" else None
+    if mode == "deepspeed":
+        if cfg.lisa.enabled:
+            # A ZeRO engine fixes the parameters it partitions and steps at initialize (scalebio.sharding).
+            raise ConfigError("lisa.enabled: LISA changes the trainable blocks every lisa.interval steps, which a "
+                              "DeepSpeed engine does not follow; use sharding=fsdp (or an FSDP accelerate config) "
+                              "or lisa.enabled=false")
+        if ds_file is None and not sharding.deepspeed_launched():
+            raise ConfigError("sharding: deepspeed needs a DeepSpeed JSON: set deepspeed: FILE.json or launch with "
+                              "accelerate's DeepSpeed config")
+        if world == 1:
+            sharding.single_process_group(device)
     if mode == "fsdp":
         sharding.check_even_batches({"global_batch": cfg.global_batch}, world)
     run = RunDir(cfg.output_dir)
@@ -111,22 +142,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
         save_config(cfg, run.path / "config.yaml")
         (run.path / "metrics.jsonl").unlink(missing_ok=True)
     tokenizer = load_tokenizer(cfg)  # type: ignore[arg-type]  (same fields as RunConfig's)
-    records = data_mod.load_source(cfg.train, cfg)  # type: ignore[arg-type]
-    if not records:
-        raise ConfigError(f"{cfg.train.path}: no training records")
-    examples = []
-    truncated = 0
-    for i, rec in enumerate(records):
-        # Per record: a resampled file mixes sources of different formats (alpaca and conversations).
-        where = f"{cfg.train.path}: record {i}"
-        fmt = cfg.train.format if cfg.train.format != "auto" else data_mod.detect_format(rec, where)
-        data_mod.check_record(rec, fmt, where)
-        ids, labels, cut = data_mod.tokenize_record(rec, fmt, tokenizer, cfg.max_length)
-        truncated += cut
-        if any(x != -100 for x in labels):
-            examples.append(data_mod.Example(ids, labels, 0))
-    if not examples:
-        raise ConfigError(f"{cfg.train.path}: every example lost its response to truncation (max_length {cfg.max_length})")
+    train = data_mod.build_mixed_set(cfg.train, cfg, tokenizer, cfg.max_length)  # type: ignore[arg-type]
+    examples = train.examples
     model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.seed, token_ids=special_token_ids(tokenizer))
     model.to(device)
     model.train()
@@ -134,10 +151,19 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
         sharding.shard(model, offload)
     opt = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lisa = Lisa(model, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, 1, cfg.lisa.keep_all_state) if cfg.lisa.enabled else None
+    engine, engine_meta = None, None
+    if mode == "deepspeed":
+        ds = sharding.deepspeed_config(ds_file, micro_batch=cfg.micro_batch, global_batch=cfg.global_batch, world=world,
+                                       clip_grad_norm=cfg.clip_grad_norm,
+                                       hidden_size=int(getattr(model.config, "hidden_size", 0) or 0),
+                                       bf16=cfg.model.dtype == "bfloat16")
+        engine = sharding.deepspeed_engine(model, opt, ds)
+        opt = engine.optimizer  # its param_groups are AdamW's: the schedule below sets lr there
+        engine_meta = sharding.deepspeed_summary(engine, ds_file)
+        log.info("DeepSpeed engine: %s", engine_meta)
     objective = CausalLMObjective()
     steps = cfg.steps or max(1, int(cfg.epochs * len(examples)) // cfg.global_batch)
-    rng = np.random.default_rng(cfg.seed)
-    order, cursor = rng.permutation(len(examples)), 0
+    sampler = data_mod.BatchSampler([len(examples)], cfg.global_batch, "pooled", seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     for step in tqdm(range(steps), desc="scalebio finetune", disable=not progress, dynamic_ncols=True):
@@ -145,44 +171,52 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
             lisa.update(step, opt)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_shape(step, steps, cfg.warmup_ratio, cfg.schedule)
-        picks = []
-        while len(picks) < cfg.global_batch:
-            if cursor == len(order):
-                order, cursor = rng.permutation(len(examples)), 0
-            take = order[cursor:cursor + cfg.global_batch - len(picks)]
-            picks.extend(int(i) for i in take)
-            cursor += len(take)
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
+        picks = [examples[i] for _, i in sampler.next_batch()]
         mine = rank_slice(picks, rank, world)  # this rank's share; the loss is normalised by the global batch
-        for i in range(0, len(mine), cfg.micro_batch):
-            batch = data_mod.collate([examples[j] for j in mine[i:i + cfg.micro_batch]], tokenizer.pad_token_id)
-            if device.type != "cpu":
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            ell = objective.per_example_loss(model, batch)
+        if engine is None:
+            opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for batch in data_mod.micro_batches(mine, cfg.micro_batch, tokenizer.pad_token_id, device):
+            ell = objective.per_example_loss(engine or model, batch)
             if not torch.isfinite(ell).all():
                 raise NonFiniteLossError(step, "fine-tuning loss", float(ell[~torch.isfinite(ell)][0]))
-            (ell.sum() / len(picks)).backward()
+            if engine is not None:
+                # The engine divides by the accumulation steps and averages over ranks: with equal micro-batches
+                # that is the global-batch mean, as below. Its step clips and steps at the last micro-batch.
+                engine.backward(ell.mean())
+                engine.step()
+            else:
+                (ell.sum() / len(picks)).backward()
             total += float(ell.detach().sum())
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if mode == "none":
-            all_reduce_grads(trainable)  # FSDP has reduce-scattered (summed) them already
-        if cfg.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm)
-        opt.step()
+        if engine is None:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            if mode == "none":
+                all_reduce_grads(trainable)  # FSDP has reduce-scattered (summed) them already
+            # The norm before clipping (an infinite limit leaves the gradients as they are).
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm or float("inf"))
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+            opt.step()
+        else:
+            grad_norm = engine.get_global_grad_norm()  # the engine's, before its clipping
         total = float(all_reduce(torch.tensor(total, dtype=torch.float64)))
         if rank == 0:
-            run.append("metrics.jsonl", {"step": step, "train_loss": total / len(picks), "lr": opt.param_groups[0]["lr"],
+            run.append("metrics.jsonl", {"step": step, "train_loss": total / len(picks), "grad_norm": float(grad_norm),
+                                         "lr": opt.param_groups[0]["lr"],
                                          "active_blocks": list(lisa.active) if lisa else None})
     folder = run.path / "model"
     if cfg.save_model:
-        full = sharding.full_model_state(model) if mode == "fsdp" else None  # collective
+        full = None  # collectives: every rank gathers
+        if mode == "fsdp":
+            full = sharding.full_model_state(model)
+        elif mode == "deepspeed":
+            full = sharding.deepspeed_full_state(engine)
         if rank == 0:
             save_model(model, tokenizer, folder, full)
     if rank == 0:
         write_json(run.path / "meta.json", {
-            "status": "finished", "seed": cfg.seed, "steps": steps, "examples": len(examples), "truncated": truncated,
-            "world_size": world, "sharding": mode, "versions": package_versions(), "git_revision": git_revision(),
-            "hardware": hardware(), "wall_time_s": time.time() - t0,
+            "status": "finished", "seed": cfg.seed, "steps": steps, "examples": len(examples),
+            "truncated": train.stats["truncated"], "data": train.stats,
+            "world_size": world, "sharding": mode, "deepspeed": engine_meta, "versions": package_versions(),
+            "git_revision": git_revision(), "hardware": hardware(), "wall_time_s": time.time() - t0,
         })
     return folder

@@ -221,6 +221,8 @@ class Reweighting:
             "wall_time_s": previous.get("wall_time_s", 0.0) + wall,
             "steps_total": self.total_steps,
             "parameters": sum(p.numel() for p in self.solver.w.parameters()),
+            "sharding": self.sharding,
+            "deepspeed_mapped_to_fsdp": sharding.deepspeed_fsdp_mapping(self.sharding, self.offload),
         })
 
     def _write_weights(self, step: int) -> dict | None:
