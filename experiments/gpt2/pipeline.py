@@ -16,7 +16,6 @@ it stopped (reweighting resumes from its checkpoint). ``make clean`` removes run
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import subprocess
@@ -34,8 +33,8 @@ from scalebio.evaluation import evaluate, load_task_yaml  # noqa: E402
 from scalebio.finetune import FinetuneConfig, finetune  # noqa: E402
 from scalebio.resample import pool_from_run, resample  # noqa: E402
 from scalebio.results import copy_retrain_results, copy_run_results  # noqa: E402
-from scalebio.reweight import config_digest, run_reweight  # noqa: E402
-from scalebio.weights import file_sha256  # noqa: E402
+from scalebio.reproduce import arm_finished, prune, reweight_finished  # noqa: E402
+from scalebio.reweight import run_reweight  # noqa: E402
 
 log = logging.getLogger("gpt2.pipeline")
 
@@ -58,26 +57,6 @@ def build_data(plan: dict, variant: dict, data_dir: Path, smoke: bool) -> None:
     subprocess.run(args, check=True, cwd=REPO)
 
 
-def reweight_finished(run_dir: Path, cfg) -> bool:
-    """True when ``run_dir`` holds the final weights of a run of exactly ``cfg`` (this checkout's own work)."""
-    weights = run_dir / "weights.json"
-    if not weights.is_file():
-        return False
-    return json.loads(weights.read_text()).get("provenance", {}).get("config_digest") == config_digest(cfg)
-
-
-def arm_finished(work: Path, weights: Path | None) -> dict | None:
-    """The resample manifest of a retrain arm finished in ``work`` from these ``weights`` (None: uniform), else
-    None. An arm drawn from an older weights file (the reweighting was redone since) is not finished."""
-    manifest_file = work / "train.jsonl.manifest.json"
-    if not ((work / "eval.json").is_file() and manifest_file.is_file()):
-        return None
-    manifest = json.loads(manifest_file.read_text())
-    if weights is not None and manifest.get("weights_sha256") != file_sha256(weights):
-        return None
-    return manifest
-
-
 def retrain_arm(plan: dict, variant: dict, seed: int, method: str, run_dir: Path, data_dir: Path, work: Path) -> dict:
     """Resample ``plan["retrain"]["n"]`` examples by the run's learned weights (or uniformly), fine-tune a fresh
     model on them, evaluate it on the test set → ``work``/eval.json. Returns the resample manifest."""
@@ -98,17 +77,6 @@ def retrain_arm(plan: dict, variant: dict, seed: int, method: str, run_dir: Path
     task_cfg = load_task_yaml(plan["folder"] / (variant.get("eval_task") or r["eval_task"]), data_dir / "test.jsonl")
     evaluate(str(model_dir), tok, [task_cfg], work / "eval.json", limit=r.get("eval_limit"), max_length=ft.max_length)
     return manifest
-
-
-def prune(results_root: Path, written: set[Path]) -> None:
-    """Remove every file under ``results_root`` that this run did not write (results of variants or seeds no
-    longer in the plan), so that the folder holds exactly what was recomputed."""
-    for path in sorted(results_root.rglob("*"), reverse=True):
-        if path.is_file() and not any(path.is_relative_to(w) for w in written):
-            log.info("removing %s: not produced by this run", path.relative_to(results_root))
-            path.unlink()
-        elif path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
 
 
 def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Path | None = None,
@@ -170,7 +138,8 @@ def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Pat
         copy_retrain_results(work, out, manifest, REPO)
         written.add(out)
         done += 1
-    prune(results_root, written)
+    for path in prune(results_root, written):
+        log.info("removed %s: not produced by this run", path.relative_to(results_root))
     progress(f"done: {total - skipped} stages computed, {skipped} finished earlier under {runs_root}")
     return results_root
 

@@ -67,6 +67,51 @@ def committed_revision(repo: str | Path, rev: str = "HEAD") -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+# ------------------------------------------------------------------------- stages this checkout finished
+
+
+def reweight_finished(run_dir: str | Path, cfg) -> bool:
+    """True when ``run_dir`` holds the final weights of a reweighting run of exactly ``cfg`` (a RunConfig): work
+    this checkout finished, which a pipeline need not redo. A run of another config is not finished."""
+    from .reweight import config_digest
+
+    weights = Path(run_dir) / "weights.json"
+    if not weights.is_file():
+        return False
+    return json.loads(weights.read_text()).get("provenance", {}).get("config_digest") == config_digest(cfg)
+
+
+def arm_finished(work: str | Path, weights: str | Path | None) -> dict | None:
+    """The resample manifest of a retrain arm finished in ``work`` (its ``train.jsonl.manifest.json`` and
+    ``eval.json``) from the weights file ``weights`` (None: uniform), else None. An arm drawn from another
+    weights file (the reweighting was redone since: weights.json has a new timestamp) is not finished."""
+    from .weights import file_sha256
+
+    work = Path(work)
+    manifest_file = work / "train.jsonl.manifest.json"
+    if not ((work / "eval.json").is_file() and manifest_file.is_file()):
+        return None
+    manifest = json.loads(manifest_file.read_text())
+    if weights is not None and manifest.get("weights_sha256") != file_sha256(Path(weights)):
+        return None
+    return manifest
+
+
+def prune(results_root: str | Path, written: set[Path]) -> list[Path]:
+    """Remove every file under ``results_root`` outside the folders in ``written`` (results of stages no longer
+    run), and the folders left empty, so the folder holds exactly what was recomputed. Returns the removed
+    files."""
+    results_root = Path(results_root)
+    removed = []
+    for path in sorted(results_root.rglob("*"), reverse=True):
+        if path.is_file() and not any(path.is_relative_to(w) for w in written):
+            path.unlink()
+            removed.append(path)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    return removed
+
+
 # ----------------------------------------------------------------------------------------------- claims
 
 
