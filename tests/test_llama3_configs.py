@@ -6,6 +6,7 @@ the pipeline use tiny random Llamas."""
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -216,10 +217,19 @@ def test_mt_bench_judge_prompts():
 @needs_data
 def test_offline_pipeline_smoke(tmp_path):
     """experiments/llama3/offline.py end to end on a tiny random Llama and 24 examples per source: weights, the
-    base row, and both arms with a resample manifest that names the weights it used; table1 reads the result."""
+    base row, and both arms with a resample manifest that names the weights it used; table1 reads the result.
+    Committed results in the results folder are recomputed, not kept (catches the old skip "a result is
+    committed, so the stage is done"), and a second run redoes nothing this checkout finished under runs/."""
     offline = _module("offline")
-    out = offline.run([0], smoke=True, runs_root=tmp_path / "runs", results_root=tmp_path / "results" / "offline")
+    results = tmp_path / "results" / "offline"
+    # Committed results in a fresh checkout (nothing under runs/): recomputed and replaced, a stale one removed.
+    for rel in ("base_seed0/eval.json", "uniform_seed7/eval.json"):
+        (results / rel).parent.mkdir(parents=True, exist_ok=True)
+        (results / rel).write_text(json.dumps({"tasks": {"llama3_test": {"nll_per_token": 99.0}}}))
+    out = offline.run([0], smoke=True, runs_root=tmp_path / "runs", results_root=results)
     assert sorted(p.name for p in out.iterdir()) == ["base_seed0", "learned_seed0", "reweight_seed0", "uniform_seed0"]
+    assert json.loads((out / "base_seed0" / "eval.json").read_text())["tasks"]["llama3_test"]["nll_per_token"] != 99.0
+    first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     weights = json.loads((out / "reweight_seed0" / "weights.json").read_text())
     learned = json.loads((out / "learned_seed0" / "resample.json").read_text())
     uniform = json.loads((out / "uniform_seed0" / "resample.json").read_text())
@@ -232,3 +242,12 @@ def test_offline_pipeline_smoke(tmp_path):
     table1 = _module("table1")
     table1.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path)])
     assert "offline" in (tmp_path / "table1.md").read_text()
+    # Again: every stage is finished under runs/, so nothing is recomputed and results/ is rebuilt from runs/.
+    def fail(*args, **kwargs):
+        raise AssertionError("a stage finished under runs/ was recomputed")
+
+    for name in ("run_reweight", "finetune", "evaluate_model", "resample"):
+        setattr(offline, name, fail)
+    shutil.rmtree(out)
+    offline.run([0], smoke=True, runs_root=tmp_path / "runs", results_root=results)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == first
