@@ -27,6 +27,8 @@ def test_presets_load_and_validate(task, preset):
         assert (s.lr_u, s.lr_w, s.lr_lambda, s.alpha, s.global_batch, s.micro_batch) == (1e-5, 1e-5, 1e-2, 10.0, 64, 8)
         assert cfg.data.max_length == 512 and cfg.lisa.enabled and (cfg.lisa.gamma, cfg.lisa.interval) == (2, 20)
         assert s.steps is None  # one epoch
+        # What the header claims: the authors' GPT-2 code draws batches from the pool, with its (v1) conventions.
+        assert cfg.data.sampling == "pooled" and s.conventions == "v1"
     else:
         assert cfg.model.architecture == "gpt2" and cfg.tokenizer.kind == "train_bpe"
     ft = load_config(REPO / "experiments" / "gpt2" / task / "finetune_cpu.yaml", ["train.path=x.jsonl"], FinetuneConfig)

