@@ -45,6 +45,9 @@ from scalebio.reweight import run_reweight  # noqa: E402
 
 log = logging.getLogger("llama3.offline")
 
+SEEDS = [0, 1]
+"""The fine-tuning seeds of the committed run."""
+
 EVAL = {"loglik_limit": 300, "em_limit": 50, "max_gen_toks": 160}
 """Offline evaluation: the first 300 GSM8K / MATH test records by log-likelihood (test.json is whole), and greedy
 exact match on the first 50 GSM8K questions (generation is the slow part on 2 cores)."""
@@ -73,9 +76,12 @@ def evaluate_model(model, tokenizer, out: Path, work: Path, max_length: int, set
     evaluate(model, tokenizer, tasks, out)
 
 
-def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, results_root: Path | None = None) -> Path:
+def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, results_root: Path | None = None,
+        prune_stale: bool = True) -> Path:
     """Recompute every stage and write the results over ``results_root``; a stage is skipped only when
-    ``runs_root`` holds its finished output (this checkout's own work), never because results are committed."""
+    ``runs_root`` holds its finished output (this checkout's own work), never because results are committed.
+    ``prune_stale``: then remove the files under ``results_root`` this run did not write (off when only some of
+    the seeds are run, so the other seeds' results stay)."""
     runs_root = runs_root or REPO / "runs" / "llama3" / ("offline_smoke" if smoke else "offline")
     results_root = results_root or (runs_root / "results" if smoke else REPO / "results" / "llama3" / "offline")
     pool = (runs_root / "pool") if smoke else REPO / "data" / "llama3" / "pool"
@@ -116,7 +122,12 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
         skipped += 1
     else:
         progress("evaluate base")
+        import torch
+
         from scalebio.models import build_model, load_tokenizer, special_token_ids
+
+        if cfg.threads:  # as in an uninterrupted run, where the reweighting (same process) has set it
+            torch.set_num_threads(cfg.threads)
 
         tok = load_tokenizer(cfg)
         model = build_model(cfg.model, vocab_size=len(tok), seed=0, token_ids=special_token_ids(tok)).eval()
@@ -160,7 +171,7 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
             copy_retrain_results(work, out, manifest, REPO)
             written.add(out)
             done += 1
-    for path in prune(results_root, written):
+    for path in prune(results_root, written) if prune_stale else []:
         log.info("removed %s: not produced by this run", path.relative_to(results_root))
     progress(f"done: {stages - skipped} stages computed, {skipped} finished earlier under {runs_root}")
     return results_root
@@ -234,13 +245,15 @@ def reproduce(results_root: Path, repo: Path = REPO) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fine-tuning seeds (default 0 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS,
+                        help="fine-tuning seeds (default 0 1); with others, the results of seeds not run are kept")
     parser.add_argument("--smoke", action="store_true", help="a tiny random Llama on a few dozen examples")
     parser.add_argument("--runs", default=None, help="working folder (default runs/llama3/offline)")
     parser.add_argument("--results", default=None, help="results folder (default results/llama3/offline)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    out = run(args.seeds, args.smoke, Path(args.runs) if args.runs else None, Path(args.results) if args.results else None)
+    out = run(args.seeds, args.smoke, Path(args.runs) if args.runs else None, Path(args.results) if args.results else None,
+              prune_stale=sorted(args.seeds) == SEEDS)
     if not args.smoke and not args.results:
         subprocess.run([sys.executable, str(HERE / "table1.py")], check=True, cwd=REPO)
         print(reproduce(out), end="")
