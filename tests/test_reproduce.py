@@ -4,8 +4,10 @@ from git HEAD of a checkout, and the report is the same text for the same result
 LLaMA-3 claim functions are checked on a copy of the committed results with one result broken."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,7 +139,8 @@ def test_reproduce_report_end_to_end_and_deterministic(tmp_path):
 
 def test_prune_and_arm_finished(tmp_path):
     """Catches a stale result left beside the recomputed ones (a variant no longer run would still be
-    committed), and a retrain arm counted as finished although the weights it was drawn from were redone."""
+    committed), and a retrain arm counted as finished although the weights it was drawn from were redone (the
+    learned arm by the weights file's hash, the uniform arm by its date)."""
     root = tmp_path / "results"
     for rel in ("main/reweight_seed0/weights.json", "main/retrain/learned_seed0/eval.json", "old_variant/x.json"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -155,8 +158,12 @@ def test_prune_and_arm_finished(tmp_path):
     assert arm_finished(work, weights) is None  # no eval.json yet: killed before the evaluation
     (work / "eval.json").write_text("{}")
     assert arm_finished(work, weights)["n"] == 4 and arm_finished(work, None)["n"] == 4
+    os.utime(weights, (1000, 1000))
+    assert arm_finished(work, None, run_weights=weights)["n"] == 4
     weights.write_text('{"created": "t1"}')  # the reweighting was redone
     assert arm_finished(work, weights) is None
+    os.utime(weights, (time.time() + 10, time.time() + 10))
+    assert arm_finished(work, None, run_weights=weights) is None  # the uniform arm too: new pool, new tokenizer
 
 
 def _results_checkout(tmp_path: Path, rel: str) -> Path:

@@ -127,7 +127,8 @@ def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Pat
         run_dir = runs_root / name / f"reweight_seed{plan['seeds'][weights_seed]}"
         out = results_root / name / "retrain" / f"{method}_seed{seed}"
         work = runs_root / name / "retrain" / f"{method}_seed{seed}"
-        manifest = arm_finished(work, None if method == "uniform" else run_dir / "weights.json")
+        weights = run_dir / "weights.json"
+        manifest = arm_finished(work, None if method == "uniform" else weights, run_weights=weights)
         if manifest is not None:
             progress(f"retrain {name} {method} seed {seed}: finished earlier in {work.relative_to(runs_root)}")
             skipped += 1

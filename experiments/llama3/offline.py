@@ -147,7 +147,7 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
             out = results_root / f"{method}_seed{seed}"
             work = runs_root / f"{method}_seed{seed}"
             weights = None if method == "uniform" else rw_dir / "weights.json"
-            manifest = arm_finished(work, weights)
+            manifest = arm_finished(work, weights, run_weights=rw_dir / "weights.json")
             if manifest is not None:
                 progress(f"{method} seed {seed}: finished earlier in {work}")
                 skipped += 1

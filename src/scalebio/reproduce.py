@@ -81,18 +81,25 @@ def reweight_finished(run_dir: str | Path, cfg) -> bool:
     return json.loads(weights.read_text()).get("provenance", {}).get("config_digest") == config_digest(cfg)
 
 
-def arm_finished(work: str | Path, weights: str | Path | None) -> dict | None:
+def arm_finished(work: str | Path, weights: str | Path | None, run_weights: str | Path | None = None) -> dict | None:
     """The resample manifest of a retrain arm finished in ``work`` (its ``train.jsonl.manifest.json`` and
-    ``eval.json``) from the weights file ``weights`` (None: uniform), else None. An arm drawn from another
-    weights file (the reweighting was redone since: weights.json has a new timestamp) is not finished."""
+    ``eval.json``) from the weights file ``weights`` (None: uniform), else None.
+
+    An arm drawn from another weights file (the reweighting was redone since: weights.json has a new timestamp)
+    is not finished. ``run_weights``: the weights.json of the reweighting run the arm otherwise depends on (its
+    pool and tokenizer; for the uniform arm); an arm evaluated before that file was last written is not finished.
+    """
     from .weights import file_sha256
 
     work = Path(work)
-    manifest_file = work / "train.jsonl.manifest.json"
-    if not ((work / "eval.json").is_file() and manifest_file.is_file()):
+    manifest_file, eval_file = work / "train.jsonl.manifest.json", work / "eval.json"
+    if not (eval_file.is_file() and manifest_file.is_file()):
         return None
     manifest = json.loads(manifest_file.read_text())
     if weights is not None and manifest.get("weights_sha256") != file_sha256(Path(weights)):
+        return None
+    if run_weights is not None and (not Path(run_weights).is_file()
+                                    or Path(run_weights).stat().st_mtime > eval_file.stat().st_mtime):
         return None
     return manifest
 
