@@ -27,6 +27,8 @@ def test_presets_load_and_validate(task, preset):
         assert (s.lr_u, s.lr_w, s.lr_lambda, s.alpha, s.global_batch, s.micro_batch) == (1e-5, 1e-5, 1e-2, 10.0, 64, 8)
         assert cfg.data.max_length == 512 and cfg.lisa.enabled and (cfg.lisa.gamma, cfg.lisa.interval) == (2, 20)
         assert s.steps is None  # one epoch
+        # What the header claims: the authors' GPT-2 code draws batches from the pool, with its (v1) conventions.
+        assert cfg.data.sampling == "pooled" and s.conventions == "v1"
     else:
         assert cfg.model.architecture == "gpt2" and cfg.tokenizer.kind == "train_bpe"
     ft = load_config(REPO / "experiments" / "gpt2" / task / "finetune_cpu.yaml", ["train.path=x.jsonl"], FinetuneConfig)
@@ -46,6 +48,43 @@ def test_pipeline_smoke(task, tmp_path, shared_data):
     ev = json.loads(next(out.glob("*/retrain/learned_seed0/eval.json")).read_text())
     (metrics,) = ev["tasks"].values()
     assert metrics["bits_per_byte"] > 0
+
+
+@pytest.mark.slow
+def test_pipeline_recomputes_over_committed_results(tmp_path, shared_data, monkeypatch):
+    """A fresh checkout: results/ holds committed results, runs/ is empty. Every stage runs and its results
+    replace the committed ones, and a committed result no longer produced is removed (catches the old skip "a
+    result is committed, so the stage is done", under which a clone recomputed nothing). Run again with the
+    uniform arm killed before its evaluation: only that arm is redone (runs/ holds the rest), results/ is
+    rebuilt from runs/ byte for byte, and the redone arm gives the same bytes (seeded, one thread)."""
+    import shutil
+
+    import pipeline
+
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    committed = {"main/reweight_seed0/weights.json": {"weights": {"fake": 1.0}},
+                 "main/retrain/learned_seed0/eval.json": {"tasks": {"t": {"bits_per_byte": 99.0}}},
+                 "old_variant/reweight_seed0/weights.json": {"weights": {"fake": 1.0}}}
+    for rel, value in committed.items():
+        (results / rel).parent.mkdir(parents=True, exist_ok=True)
+        (results / rel).write_text(json.dumps(value))
+    pipeline.run_task("denoising", "cpu", smoke=True, runs_root=runs, results_root=results)
+    weights = json.loads((results / "main/reweight_seed0/weights.json").read_text())
+    assert set(weights["weights"]) == set(weights["sources"]) and "fake" not in weights["weights"]
+    ev = json.loads((results / "main/retrain/learned_seed0/eval.json").read_text())
+    assert ev["tasks"]["gpt2_denoising_test"]["bits_per_byte"] != 99.0
+    assert not (results / "old_variant").exists()
+    first = {p.relative_to(results): p.read_bytes() for p in results.rglob("*") if p.is_file()}
+
+    calls = []
+    monkeypatch.setattr(pipeline, "run_reweight", lambda *a, **k: calls.append("reweight"))
+    real_arm = pipeline.retrain_arm
+    monkeypatch.setattr(pipeline, "retrain_arm", lambda *a, **k: (calls.append(a[3]), real_arm(*a, **k))[1])
+    (runs / "main/retrain/uniform_seed0/eval.json").unlink()
+    shutil.rmtree(results)
+    pipeline.run_task("denoising", "cpu", smoke=True, runs_root=runs, results_root=results)
+    assert calls == ["uniform"]
+    assert {p.relative_to(results): p.read_bytes() for p in results.rglob("*") if p.is_file()} == first
 
 
 def check_results_schema(root: Path):

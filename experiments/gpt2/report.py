@@ -2,8 +2,11 @@
 
     python experiments/gpt2/report.py            # writes results/gpt2/summary.json, results/gpt2/claims.md,
                                                  # figures/gpt2_*.png, and the claims block of README.md
+    python experiments/gpt2/report.py --reproduce    # only: each claim as committed (git HEAD) beside its value
+                                                     # on results/gpt2 now → results/gpt2/reproduce_report.md
 
 Each claim of method.md §6 is checked here on the committed runs; nothing is trained or evaluated.
+`make reproduce-gpt2` recomputes results/gpt2 and ends with ``--reproduce``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +26,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
 from scalebio.plotting import save_figure, style  # noqa: E402
+from scalebio.reproduce import Claim, reproduce_report  # noqa: E402
 from scalebio.results import read_jsonl  # noqa: E402
 
 TASKS = ("denoising", "multilingual", "instruction_following")
 METRIC = "bits_per_byte"
 START, END = "<!-- gpt2-claims:start -->", "<!-- gpt2-claims:end -->"
+REPORT = "reproduce_report.md"
+"""Written by ``--reproduce`` only (the end of `make reproduce-gpt2`); the tables and figures never read it."""
 
 
 def reweight_runs(root: Path, task: str) -> list[dict]:
@@ -104,27 +111,34 @@ def summarise(root: Path) -> dict:
     return summary
 
 
-def claims_table(summary: dict) -> str:
-    lines = [
-        "| experiment | claim | command | result file | measured (CPU preset) | holds | paper |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    cmd = "`make reproduce-gpt2`"
+def claim_rows(summary: dict) -> list[dict]:
+    """One row per claim of method.md §6: key (stable, pairs committed with recomputed), experiment, claim, file,
+    measured, holds, paper."""
+    rows = []
+
+    def add(key, experiment, claim, file, measured, holds, paper):
+        rows.append({"key": key, "experiment": experiment, "claim": claim, "file": file, "measured": measured,
+                     "holds": bool(holds), "paper": paper})
+
     if "denoising" in summary:
         s = summary["denoising"]
         rhos = [x["spearman_noise_weight"] for x in s["runs"]]
-        lines.append(f"| denoising | Spearman(noise rate, weight) ≤ −0.9 in every seed | {cmd} | `results/gpt2/denoising/main/reweight_seed*/weights.json` "
-                     f"| {', '.join(f'{r:.2f}' for r in rhos)} ({len(rhos)} seeds) | {'yes' if s['claim_weights_fall_with_noise'] else 'no'} | weight falls with noise rate |")
+        add("denoising/weights_fall_with_noise", "denoising", "Spearman(noise rate, weight) ≤ −0.9 in every seed",
+            "results/gpt2/denoising/main/reweight_seed*/weights.json",
+            f"{', '.join(f'{r:.2f}' for r in rhos)} ({len(rhos)} seeds)", s["claim_weights_fall_with_noise"],
+            "weight falls with noise rate")
     if "multilingual" in summary:
         s = summary["multilingual"]
         got = ", ".join(f"{x['target']}/s{x['seed']}→{x['top_source']}" for x in s["runs"])
-        lines.append(f"| multilingual | the target language gets the largest weight in every run | {cmd} | `results/gpt2/multilingual/target_*/reweight_seed*/weights.json` "
-                     f"| {got} | {'yes' if s['claim_target_wins'] else 'no'} | target language wins |")
+        add("multilingual/target_wins", "multilingual", "the target language gets the largest weight in every run",
+            "results/gpt2/multilingual/target_*/reweight_seed*/weights.json", got, s["claim_target_wins"],
+            "target language wins")
     if "instruction_following" in summary:
         s = summary["instruction_following"]
         got = ", ".join(f"s{x['seed']}: {x['top_source']} ({x['weights'][x['top_source']]:.3f})" for x in s["runs"])
-        lines.append(f"| instruction following | Alpaca-GPT4 ends with the largest weight | {cmd} | `results/gpt2/instruction_following/main/reweight_seed*/weights.json` "
-                     f"| {got} | {'yes' if s['claim_gpt4_wins'] else 'no'} | GPT-4 source gains a large weight |")
+        add("instruction_following/gpt4_wins", "instruction following", "Alpaca-GPT4 ends with the largest weight",
+            "results/gpt2/instruction_following/main/reweight_seed*/weights.json", got, s["claim_gpt4_wins"],
+            "GPT-4 source gains a large weight")
     for task, s in summary.items():
         table = s.get("retrain_test_" + METRIC)
         if not table:
@@ -135,9 +149,35 @@ def claims_table(summary: dict) -> str:
                 n = len(m["learned"]["values"])
                 parts.append(f"{variant}: learned {m['learned']['mean']:.3f} ± {m['learned']['std']:.3f} vs uniform "
                              f"{m['uniform']['mean']:.3f} ± {m['uniform']['std']:.3f} ({n} seeds)")
-        lines.append(f"| {task.replace('_', ' ')} | retraining on learned weights beats uniform (test bits per byte through the lm-eval task YAML in the experiment folder; lower is better) | {cmd} "
-                     f"| `results/gpt2/{task}/*/retrain/*/eval.json` | {'; '.join(parts)} | {'yes' if s['claim_learned_beats_uniform'] else 'no'} | — (not reported for GPT-2) |")
+        add(f"{task}/learned_beats_uniform", task.replace("_", " "), "retraining on learned weights beats uniform "
+            "(test bits per byte through the lm-eval task YAML in the experiment folder; lower is better)",
+            f"results/gpt2/{task}/*/retrain/*/eval.json", "; ".join(parts), s["claim_learned_beats_uniform"],
+            "— (not reported for GPT-2)")
+    return rows
+
+
+def claims_table(summary: dict) -> str:
+    lines = [
+        "| experiment | claim | command | result file | measured (CPU preset) | holds | paper |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in claim_rows(summary):
+        lines.append(f"| {r['experiment']} | {r['claim']} | `make reproduce-gpt2` | `{r['file']}` | {r['measured']} "
+                     f"| {'yes' if r['holds'] else 'no'} | {r['paper']} |")
     return "\n".join(lines) + "\n"
+
+
+def claims(root: Path) -> list[Claim]:
+    """The claims measured on one results/gpt2 folder (the committed one or the recomputed one)."""
+    return [Claim(r["key"], r["experiment"], r["claim"], r["measured"], r["holds"]) for r in claim_rows(summarise(root))]
+
+
+def reproduce(results: Path, repo: Path = REPO) -> str:
+    """Committed (git HEAD) vs recomputed claims of results/gpt2 → ``results``/reproduce_report.md; returns it."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return reproduce_report("GPT-2 experiments: committed vs recomputed (`make reproduce-gpt2`)", repo,
+                                results.resolve().relative_to(repo.resolve()).as_posix(), claims,
+                                results / REPORT, scratch)
 
 
 def plot(summary: dict, root: Path, figures: Path) -> list[Path]:
@@ -203,8 +243,14 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=str(REPO / "results" / "gpt2"))
     parser.add_argument("--figures", default=str(REPO / "figures"))
     parser.add_argument("--readme", default=str(REPO / "README.md"))
+    parser.add_argument("--reproduce", action="store_true",
+                        help=f"only compare the claims on --results with those committed in git HEAD: print the "
+                             f"report and write it to <results>/{REPORT}")
     args = parser.parse_args(argv)
     root = Path(args.results)
+    if args.reproduce:
+        print(reproduce(root), end="")
+        return 0
     summary = summarise(root)
     (root / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     table = claims_table(summary)
