@@ -83,9 +83,11 @@ class DataConfig:
     decontaminate: bool = True
     max_length: int = 512
     """Tokens per example; longer examples are truncated and counted."""
-    sampling: str = "stratified"
-    """``stratified``: every source appears in every batch, in proportion to its size (default).
-    ``pooled``: the authors' sampling, uniformly from the pooled examples."""
+    sampling: str = "auto"
+    """``stratified``: every source appears in every batch, in proportion to its size. ``pooled``: one random
+    permutation of the pooled examples per epoch (the v1 code). ``replacement``: each example drawn uniformly
+    from the pool with replacement (the later code's fresh iterator per micro-step). ``auto``: stratified under
+    ``solver.conventions: scalebio``, pooled under ``v1``, replacement under ``acl``."""
 
 
 @dataclass
@@ -123,7 +125,16 @@ class SolverConfig:
     of L1/α + L2), as the released code clips both models at c·α on its α-scaled losses (method.md §3);
     ``null`` = off."""
     fused_w: bool = True
-    """w's forward and backward over V and B in one pass per micro-batch pair (the same gradient as two passes)."""
+    """w's forward and backward over V and B in one pass per micro-batch pair (the same gradient as two passes).
+    Only under ``conventions: scalebio``; the authors' conventions run B's pass, then V's."""
+    conventions: str = "scalebio"
+    """Whose conventions (README, "Fidelity to the released code"). ``scalebio``: warmup of ceil(r·N) steps with
+    factor (t+1)/warmup, α·τ^i and a cosine restarted per outer iteration, per-example loss = mean over response
+    tokens, n_i over the global batch. ``acl`` (research4pan/scalebio): warmup int(r·N) with factor t/warmup (lr 0
+    at step 0), α·τ^(i+1) and lr·τ^(−i) on one cosine over all steps, u's Adam on α-scaled gradients (eps/α),
+    w's pass over B before V, sampling with replacement. ``v1`` (2003pro/ScaleBiO): as ``acl``, plus the preview
+    loss (per-example loss over the padded length, n_i per micro-batch, every micro-batch term scaled by 1/G,
+    L1 the mean of the micro-batch means) and pooled sampling."""
 
 
 @dataclass
@@ -365,8 +376,8 @@ def validate_run_config(cfg: RunConfig) -> None:
             raise ConfigError(f"data.sources[{i}].format: {s.format!r} is not auto, alpaca, conversations or text")
     if d.validation is None or not (d.validation.path or d.validation.hub_dataset):
         raise ConfigError("data.validation: required (path or hub_dataset)")
-    if d.sampling not in ("stratified", "pooled"):
-        raise ConfigError(f"data.sampling: {d.sampling!r} is not stratified or pooled")
+    if d.sampling not in SAMPLING:
+        raise ConfigError(f"data.sampling: {d.sampling!r} is not one of {', '.join(SAMPLING)}")
     if d.max_length < 2:
         raise ConfigError("data.max_length: must be at least 2")
     s = cfg.solver
@@ -374,7 +385,9 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ConfigError("solver.global_batch and solver.micro_batch must be positive")
     if s.global_batch % s.micro_batch:
         raise ConfigError(f"solver.global_batch: {s.global_batch} is not a multiple of micro_batch {s.micro_batch}")
-    if d.sampling == "stratified" and s.global_batch < len(d.sources):
+    if s.conventions not in CONVENTIONS:
+        raise ConfigError(f"solver.conventions: {s.conventions!r} is not one of {', '.join(CONVENTIONS)}")
+    if sampling_mode(cfg) == "stratified" and s.global_batch < len(d.sources):
         raise ConfigError(
             f"solver.global_batch: {s.global_batch} < {len(d.sources)} sources; stratified batches need one slot per source"
         )
@@ -390,6 +403,18 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ConfigError("lisa.gamma and lisa.interval must be positive")
     if cfg.checkpoint_every < 1:
         raise ConfigError("checkpoint_every: must be at least 1")
+
+
+CONVENTIONS = ("scalebio", "acl", "v1")
+SAMPLING = ("auto", "stratified", "pooled", "replacement")
+DEFAULT_SAMPLING = {"scalebio": "stratified", "acl": "replacement", "v1": "pooled"}
+
+
+def sampling_mode(cfg: RunConfig) -> str:
+    """``data.sampling`` with ``auto`` resolved by ``solver.conventions``."""
+    if cfg.data.sampling != "auto":
+        return cfg.data.sampling
+    return DEFAULT_SAMPLING.get(cfg.solver.conventions, "stratified")
 
 
 def save_config(cfg: Any, path: Path) -> None:

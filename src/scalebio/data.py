@@ -532,12 +532,13 @@ class BatchSampler:
     ``stratified``: every batch holds ``stratified_slots(sizes, batch_size)[s]`` examples of source s, grouped
     by source in source order; each source walks its own random permutation without replacement and is
     reshuffled when exhausted. ``pooled`` (the authors' sampling): one random permutation of all pooled
-    examples per epoch, walked in order, so a source may be absent from a batch.
+    examples per epoch, walked in order, so a source may be absent from a batch. ``replacement`` (the later
+    released code): every example drawn uniformly from the pool, with replacement.
     """
 
     def __init__(self, sizes: list[int], batch_size: int, mode: str = "stratified", seed: int = 0):
-        if mode not in ("stratified", "pooled"):
-            raise ValueError(f"sampling mode {mode!r} is not stratified or pooled")
+        if mode not in ("stratified", "pooled", "replacement"):
+            raise ValueError(f"sampling mode {mode!r} is not stratified, pooled or replacement")
         if not sizes or any(n < 1 for n in sizes):
             raise ValueError(f"every source needs at least one example, got sizes {sizes}")
         if batch_size < 1:
@@ -570,7 +571,10 @@ class BatchSampler:
         """``batch_size`` pairs (source, index within source)."""
         if self.mode == "stratified":
             return [(s, i) for s, n in enumerate(self.sizes) for i in self._draw(s, n, self.slots[s])]
-        flat = self._draw(0, self.offsets[-1], self.batch_size)
+        if self.mode == "replacement":
+            flat = torch.randint(self.offsets[-1], (self.batch_size,), generator=self.generator).tolist()
+        else:
+            flat = self._draw(0, self.offsets[-1], self.batch_size)
         out = []
         for j in flat:
             s = bisect.bisect_right(self.offsets, j) - 1

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import precision, sharding
 from .distributed import init_distributed, rank_and_world, rank_slice
-from .config import RunConfig, save_config, to_dict
+from .config import RunConfig, sampling_mode, save_config, to_dict
 from .lisa import Lisa
 from .models import build_model, load_tokenizer, special_token_ids
 from .results import RunDir, git_revision, hardware, package_versions, write_json
@@ -75,11 +75,12 @@ class Reweighting:
             lisa_u = Lisa(u, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, streams[0], cfg.lisa.keep_all_state)
             lisa_w = Lisa(w, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, streams[1], cfg.lisa.keep_all_state)
         self.compute_dtype = precision.resolve(cfg.precision, self.device)
-        objective = CausalLMObjective(chunked=self.sharding != "fsdp")
+        objective = CausalLMObjective(chunked=self.sharding != "fsdp",
+                                      per_example="padded" if cfg.solver.conventions == "v1" else "response")
         self.solver = ScaleBiO(u, w, objective, len(self.sources), cfg.solver, lisa_u, lisa_w,
                                compute_dtype=self.compute_dtype, device=self.device)
         sizes = [len(s.examples) for s in self.sources]
-        self.train_sampler = data_mod.BatchSampler(sizes, cfg.solver.global_batch, cfg.data.sampling, seed=cfg.seed)
+        self.train_sampler = data_mod.BatchSampler(sizes, cfg.solver.global_batch, sampling_mode(cfg), seed=cfg.seed)
         val_batch = cfg.solver.val_batch or cfg.solver.global_batch
         self.val_sampler = data_mod.BatchSampler([len(self.validation.examples)], val_batch, "pooled", seed=cfg.seed + 1)
         self.steps_per_outer = cfg.solver.steps or max(1, sum(sizes) // cfg.solver.global_batch)

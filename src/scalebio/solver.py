@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import precision, sharding
-from .distributed import all_reduce, all_reduce_grads
+from .distributed import all_reduce, all_reduce_grads, world_size
 from .config import SolverConfig
 from .lisa import Lisa
 from .weights import mixture_loss, source_counts, source_sums
@@ -62,8 +62,10 @@ class CausalLMObjective:
     whose root hooks must see the whole forward, and for heads that post-process logits, e.g. soft-capping).
     """
 
-    def __init__(self, chunked: bool = True, chunk_tokens: int = 1024):
-        self.chunked, self.chunk_tokens = chunked, chunk_tokens
+    def __init__(self, chunked: bool = True, chunk_tokens: int = 1024, per_example: str = "response"):
+        if per_example not in ("response", "padded"):
+            raise ValueError(f"per_example: {per_example!r} is not response or padded")
+        self.chunked, self.chunk_tokens, self.per_example = chunked, chunk_tokens, per_example
 
     def _can_chunk(self, model: nn.Module) -> bool:
         if not self.chunked or sharding.is_sharded(model):
@@ -97,7 +99,11 @@ class CausalLMObjective:
         return ce, mask
 
     def per_example_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Each example's summed response-token loss over its response-token count, or (``per_example=
+        "padded"``, the v1 code's quirk) over the micro-batch's padded length."""
         ce, mask = self.token_losses(model, batch)
+        if self.per_example == "padded":
+            return ce.sum(1) / mask.size(1)
         return ce.sum(1) / mask.sum(1).clamp(min=1)
 
     def validation_loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,15 +145,37 @@ def stack_batches(first: Batch, second: Batch) -> Batch:
     return out
 
 
-def lr_shape(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
-    """Learning-rate multiplier at ``step`` (0-based) of ``total``: linear warmup, then cosine to 0 or constant."""
-    warmup = math.ceil(warmup_ratio * total)
-    if step < warmup:
-        return (step + 1) / warmup
+def lr_shape(step: int, total: int, warmup_ratio: float, schedule: str, conventions: str = "scalebio") -> float:
+    """Learning-rate multiplier at ``step`` (0-based) of ``total``: linear warmup, then cosine to 0 or constant.
+
+    ``scalebio``: ceil(r·N) warmup steps with factor (t+1)/warmup, so step 0 already trains. ``acl`` / ``v1``
+    (the released code's scheduler): int(r·N) warmup steps with factor t/warmup, so the lr is 0 at step 0.
+    """
+    if conventions == "scalebio":
+        warmup = math.ceil(warmup_ratio * total)
+        if step < warmup:
+            return (step + 1) / warmup
+    else:
+        warmup = int(warmup_ratio * total)
+        if step < warmup:
+            return step / max(1, warmup)
     if schedule == "constant":
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def outer_schedule(step: int, steps_per_outer: int, outer_iterations: int, cfg: SolverConfig) -> tuple[float, float]:
+    """(lr multiplier, α) at global step ``step``, outer iteration i = step // steps_per_outer.
+
+    ``scalebio``: α·τ^i, and the lr shape restarts each outer iteration. ``acl`` / ``v1``: α·τ^(i+1), and
+    τ^(−i) times one lr shape over all steps of all outer iterations.
+    """
+    outer, t = divmod(step, steps_per_outer)
+    if cfg.conventions == "scalebio":
+        return lr_shape(t, steps_per_outer, cfg.warmup_ratio, cfg.schedule), cfg.alpha * cfg.tau ** outer
+    shape = lr_shape(step, steps_per_outer * outer_iterations, cfg.warmup_ratio, cfg.schedule, cfg.conventions)
+    return shape * cfg.tau ** (-outer), cfg.alpha * cfg.tau ** (outer + 1)
 
 
 @dataclass
@@ -191,13 +219,16 @@ class ScaleBiO:
             for group in opt.param_groups:
                 group["lr"] = peak * shape
         self.alpha = alpha
+        if self.cfg.conventions != "scalebio":
+            # The released code steps u on the gradient of α·L2: Adam is scale-free but for eps, so this is
+            # plain Adam on ∇L2 with eps/α.
+            for group in self.opt_u.param_groups:
+                group["eps"] = self.cfg.eps / alpha
 
     def begin_step(self, step: int, steps_per_outer: int) -> float:
         """Set learning rates, α (× τ per outer iteration) and LISA blocks for global step ``step``; returns α."""
-        cfg = self.cfg
-        outer, t = divmod(step, steps_per_outer)
-        alpha = cfg.alpha * cfg.tau ** outer
-        self.set_schedule(lr_shape(t, steps_per_outer, cfg.warmup_ratio, cfg.schedule), alpha)
+        shape, alpha = outer_schedule(step, steps_per_outer, self.cfg.outer_iterations, self.cfg)
+        self.set_schedule(shape, alpha)
         self.update_lisa(step)
         return alpha
 
@@ -225,6 +256,24 @@ class ScaleBiO:
         for mb in val:
             val_terms += float(self.objective.validation_terms(mb))
         val_terms = all_reduce(val_terms)
+        # v1 conventions: n_i per micro-batch and each micro-batch's term over G; L1 the mean of micro-batch means.
+        v1 = self.cfg.conventions == "v1"
+        micro_train, micro_val = len(train) * world_size(), len(val) * world_size()
+
+        def train_term(ell: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(this micro-batch's share of L2, its share of the per-source sums or, under v1, of the means [k])."""
+            sums = source_sums(ell.detach().double(), source, k).cpu()
+            if not v1:
+                return mixture_loss(ell, source, p, counts), sums
+            here = source_counts(source.cpu(), k)
+            means = torch.where(here > 0, sums / here.clamp(min=1), torch.zeros_like(sums))
+            return mixture_loss(ell, source, p, here) / micro_train, means / micro_train
+
+        def val_term(total: torch.Tensor, mb: Batch) -> torch.Tensor:
+            """This micro-batch's share of L1: its loss sum over all V terms, or (v1) its mean over G_V."""
+            if not v1:
+                return total / float(val_terms)
+            return total / max(1, self.objective.validation_terms(mb)) / micro_val
 
         self.opt_u.zero_grad(set_to_none=True)
         self.opt_w.zero_grad(set_to_none=True)
@@ -236,8 +285,9 @@ class ScaleBiO:
             with self._autocast():
                 ell = self.objective.per_example_loss(self.u, mb)
             self._check(ell, "training loss under u", step)
-            mixture_loss(ell, mb["source"], p, counts).backward()
-            sums_u += source_sums(ell.detach().double(), mb["source"], k).cpu()
+            share, sums = train_term(ell, mb["source"])
+            share.backward()
+            sums_u += sums
         # u's step can be taken now: nothing below reads u (λ uses ℓ^u recorded above, at the old u), so
         # the updates stay simultaneous, and u's gradients are freed before w's passes need memory.
         self._finish(self.u, self.opt_u, clip=self.cfg.clip_grad_norm)
@@ -257,18 +307,23 @@ class ScaleBiO:
             loss = 0.0
             if total is not None:
                 self._check(total, "validation loss under w", step)
-                loss = total / float(val_terms)
-                val_sum += total.detach().double().cpu()
+                share = val_term(total, val_mb)
+                loss = share
+                val_sum += (share.detach().double().cpu() * val_terms) if v1 else total.detach().double().cpu()
             if ell is not None:
                 self._check(ell, "training loss under w", step)
-                loss = loss + alpha * mixture_loss(ell, train_mb["source"], p, counts)
-                sums_w += source_sums(ell.detach().double(), train_mb["source"], k).cpu()
+                share, sums = train_term(ell, train_mb["source"])
+                loss = loss + alpha * share
+                sums_w += sums
             loss.backward()
 
         sums_u, sums_w, val_sum = all_reduce(sums_u), all_reduce(sums_w), all_reduce(val_sum)
         present = counts > 0
-        mean_u = torch.where(present, sums_u / counts.clamp(min=1), torch.zeros_like(sums_u))
-        mean_w = torch.where(present, sums_w / counts.clamp(min=1), torch.zeros_like(sums_w))
+        if v1:  # already per-source means (averaged over micro-batches)
+            mean_u, mean_w = sums_u, sums_w
+        else:
+            mean_u = torch.where(present, sums_u / counts.clamp(min=1), torch.zeros_like(sums_u))
+            mean_w = torch.where(present, sums_w / counts.clamp(min=1), torch.zeros_like(sums_w))
 
         # λ: α [∇λ L2(λ, w; B) − ∇λ L2(λ, u; B)]                              (method.md §3, line 3)
         self.lambda_objective(mean_w, mean_u, val_sum / val_terms.clamp(min=1)).backward()
@@ -304,6 +359,8 @@ class ScaleBiO:
     def _w_passes(self, val: Sequence[Batch], train: Sequence[Batch]):
         """(V micro-batch or None, B micro-batch or None) pairs for w's forward/backward passes: paired up for one
         pass each when ``solver.fused_w`` and the objective can (``joint_losses``), else V's then B's."""
+        if self.cfg.conventions != "scalebio":  # the released code: L2 on B, then L1 on V (matters with dropout)
+            return [(None, mb) for mb in train] + [(mb, None) for mb in val]
         if self.cfg.fused_w and hasattr(self.objective, "joint_losses"):
             return list(zip_longest(val, train))
         return [(mb, None) for mb in val] + [(None, mb) for mb in train]
