@@ -20,7 +20,7 @@ from scalebio.data import Example
 from scalebio.weights import example_stats, weights_record, write_weights
 
 NAMES = ["math", "chat", "code"]
-P = [0.5, 0.3, 0.2]
+P = [0.51234567891, 0.28765432109, 0.2]  # not short decimals, so a rounded export cannot pass
 # Uneven on purpose: sizes 10,000 / 4,000 / 100,000 examples; mean lengths 50, 200, 20 tokens.
 STATS = {"math": {"examples": 10_000, "tokens": 500_000, "response_tokens": 200_000},
          "chat": {"examples": 4_000, "tokens": 800_000, "response_tokens": 300_000},
@@ -191,7 +191,7 @@ def test_axolotl_fractions_give_the_mixture_on_uneven_sources(tmp_path):
 
 
 def test_sizes_override_and_open_instruct_counts(tmp_path):
-    run = write_run(tmp_path)
+    run = write_run(tmp_path, p=[0.5, 0.3, 0.2])
     outputs = ex.export(run, "axolotl", sizes={"math": 100, "chat": 100, "code": 100})
     _, fractions = read_axolotl(outputs)
     assert fractions == pytest.approx([1.0, 0.6, 0.4], abs=1e-12)
@@ -224,8 +224,8 @@ def test_old_weights_file_without_source_stats(tmp_path):
     assert values == pytest.approx(P, abs=1e-9)
     with pytest.raises(ex.ExportError, match=r"weights\.json: no field 'source_stats'.*--basis tokens"):
         ex.export(run, "megatron")
-    _, fractions = read_axolotl(ex.export(run, "axolotl"))  # sizes from example_counts
-    assert fractions == pytest.approx([1.0, 0.6, 0.4], abs=1e-12)
+    _, fractions = read_axolotl(ex.export(run, "axolotl"))  # sizes from example_counts (1000 each)
+    assert fractions == pytest.approx([p / P[0] for p in P], abs=1e-12)
 
 
 def test_bad_arguments_name_the_flag(tmp_path):
