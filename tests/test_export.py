@@ -201,6 +201,15 @@ def test_sizes_override_and_open_instruct_counts(tmp_path):
     assert counts == [501, 300, 200]  # 500.5 / 300.3 / 200.2: the largest remainder gets the extra one
 
 
+def test_tiny_fractions_stay_fractions_for_open_instruct(tmp_path):
+    run = write_run(tmp_path, p=[0.99998, 0.00001, 0.00001])
+    outputs = ex.export(run, "open-instruct", sizes={"math": 1, "chat": 1, "code": 1})
+    words = shlex.split(re.search(r"--dataset_mixer_list (.*)", outputs[""]).group(1))
+    assert all("." in w and "e" not in w for w in words[1::2])  # '1e-05' would read as a count
+    _, fractions = read_open_instruct(outputs)
+    assert fractions == pytest.approx([1.0, 0.00001 / 0.99998, 0.00001 / 0.99998], rel=1e-9)
+
+
 def test_basis_conversion_round_trips_and_matches_the_counts():
     m = ex.mean_lengths(STATS, NAMES)
     assert m == [50.0, 200.0, 20.0]

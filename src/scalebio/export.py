@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from .weights import atomic_write_text, load_weights
@@ -169,9 +170,10 @@ def parse_pairs(items: list[str] | None, names: list[str], what: str) -> dict[st
 
 
 def _number(x: float) -> str:
-    """A float that reads back exactly (repr) and always has a '.' (open-instruct reads '1' as a count)."""
-    text = repr(float(x))
-    return text if ("." in text or "e" in text) else text + ".0"
+    """A float written positionally (no exponent), with a '.', reading back to the same float: open-instruct
+    reads a number without '.' (such as '1' or '1e-05') as a count."""
+    text = np.format_float_positional(float(x), unique=True, trim="0")
+    return text if "." in text else text + ".0"
 
 
 class _Exporter:
