@@ -262,6 +262,10 @@ def test_cli_writes_megatron_files_and_reports_errors(tmp_path, capsys):
     assert values == pytest.approx(token_shares(P), abs=1e-9)
     assert main(["export", str(run), "--to", "hf"]) == 0
     assert "interleave_datasets" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(f in help_text for f in ex.FORMATS) and "q_i = p_i m_i / sum_j p_j m_j" in help_text
     assert main(["export", str(run), "--to", "hf", "--paths", "bogus=/x"]) == 1
     assert main(["export", str(run), "--to", "axolotl", "--sizes", "math=many"]) == 1
 

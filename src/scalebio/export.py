@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import textwrap
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -419,7 +420,8 @@ def write_export(outputs: dict[str, str], out: str | Path | None) -> list[Path]:
 def help_epilog() -> str:
     lines = ["formats (what each number means; default basis):"]
     for f in FORMATS.values():
-        lines.append(f"  {f.name:<14} {f.numbers} [{f.basis or 'subsample of examples'}]")
+        lines += textwrap.wrap(f"{f.name:<14} {f.numbers} [default basis: {f.basis or 'none, a subsample'}]",
+                               width=110, initial_indent="  ", subsequent_indent=" " * 17)
     lines += ["",
               "weights.json's p is on the example basis (the probability of drawing an example of each source).",
               "--basis tokens gives q_i = p_i m_i / sum_j p_j m_j (m_i = tokens / examples of source i in the run,",
