@@ -1,4 +1,4 @@
-# scalebio: `make setup` then `make test`. `make help` lists every target.
+# scalebio: `make reproduce-gpt2` (the main job) and `make test`; both set themselves up (`make setup`). `make help` lists every target.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -20,10 +20,10 @@ $(BIN)/scalebio: requirements.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(BIN)/scalebio
 
-test: ## the test suite (CPU, offline, under 5 minutes; end-to-end checks marked slow are in test-slow)
+test: setup ## the test suite (CPU, offline, under 5 minutes; end-to-end checks marked slow are in test-slow)
 	$(BIN)/python -m pytest tests -m "not slow"
 
-test-slow: ## end-to-end checks: 2-process runs, each experiment's pipeline at toy size, the benchmark smoke run
+test-slow: setup ## end-to-end checks: 2-process runs, each experiment's pipeline at toy size, the benchmark smoke run
 	$(BIN)/python -m pytest tests -m slow
 
 clean: ## remove run outputs of tests and local runs (not results/)

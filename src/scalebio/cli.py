@@ -66,6 +66,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export, parse_pairs, load_mixture, write_export
+
+    names = load_mixture(args.run_dir).names
+    sizes = {}
+    for name, value in parse_pairs(args.sizes, names, "--sizes").items():
+        if not value.isdigit():
+            raise ValueError(f"--sizes: {name}={value!r} is not a whole number of examples")
+        sizes[name] = int(value)
+    command = "scalebio export " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["export"] else None
+    outputs = export(args.run_dir, args.to, parse_pairs(args.paths, names, "--paths"), basis=args.basis,
+                     stopping=args.stopping, total=args.total, sizes=sizes, seed=args.seed, command=command)
+    written = write_export(outputs, args.out)
+    if written:
+        log.info("wrote %s", ", ".join(str(p) for p in written))
+    else:
+        sys.stdout.write(outputs[""])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalebio", description="ScaleBiO: learn data-source weights by first-order bilevel optimisation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (shows every LISA switch)")
@@ -118,6 +138,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ev.set_defaults(func=_evaluate)
+
+    from .export import FORMATS, STOPPING, help_epilog
+
+    ex = sub.add_parser("export", help="a run's weights in another trainer's mixture syntax (hf, megatron, axolotl, ...)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(),
+                        description="Print (or write to --out) RUN_DIR/weights.json as FORMAT's mixture config, with "
+                                    "comments stating what each number means and how it was converted.")
+    ex.add_argument("run_dir", help="a `scalebio reweight` run directory (or a weights.json)")
+    ex.add_argument("--to", required=True, choices=list(FORMATS), help="target trainer format (listed below)")
+    ex.add_argument("--paths", nargs="+", metavar="NAME=PATH", help="the path (or dataset name, Megatron prefix) "
+                    "of each source in the trainer; without it the source names stand in")
+    ex.add_argument("--out", default=None, help="file to write (default: print); megatron also writes "
+                    "OUT-stem.data_args.txt for --data-args-path")
+    ex.add_argument("--basis", choices=["examples", "tokens"], default=None,
+                    help="unit of a mixture: probability of the next example or share of tokens (default: the "
+                         "format's, listed below; needs weights.json's source_stats for tokens)")
+    ex.add_argument("--stopping", choices=list(STOPPING), default="first_exhausted",
+                    help="hf stopping_strategy / llamafactory mix_strategy (interleave_under / interleave_over)")
+    ex.add_argument("--total", type=int, default=None, help="open-instruct: examples in all (gives counts); "
+                    "olmo: requested tokens (sizes max_repetition_ratio)")
+    ex.add_argument("--sizes", nargs="+", metavar="NAME=N", help="axolotl / open-instruct: examples in each "
+                    "dataset the trainer loads (default: the run's kept examples)")
+    ex.add_argument("--seed", type=int, default=0, help="seed written into formats that take one")
+    ex.set_defaults(func=_export)
     return parser
 
 

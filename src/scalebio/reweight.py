@@ -249,8 +249,11 @@ class Reweighting:
             "data_files": files,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        from .weights import example_stats
+
         counts = {s.name: len(s.examples) for s in self.sources}
-        record = weights_record(self.names, self.solver.lam, counts, provenance)
+        stats = {s.name: example_stats(s.examples) for s in self.sources}  # what was trained on, per source
+        record = weights_record(self.names, self.solver.lam, counts, provenance, source_stats=stats)
         write_weights(self.run.path / "weights.json", record)
         return record
 

@@ -75,18 +75,41 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def weights_record(names: list[str], lam: torch.Tensor, example_counts: dict[str, int], provenance: dict[str, Any]) -> dict:
-    """The weights file's content: source → weight in config order, plus the λ it came from and provenance."""
-    p = torch.softmax(lam.detach().double(), dim=0).tolist()
+def example_stats(examples) -> dict[str, int]:
+    """What a run trains on from one source: ``examples`` (kept after decontamination and truncation),
+    ``tokens`` (sum of their input lengths after truncation) and ``response_tokens`` (the tokens the loss
+    scores: labels other than -100, position 0 excluded since it is never predicted). ``examples`` is a list of
+    objects with ``input_ids`` and ``labels`` (``scalebio.data.Example``)."""
     return {
+        "examples": len(examples),
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "response_tokens": sum(sum(1 for x in e.labels[1:] if x != -100) for e in examples),
+    }
+
+
+def weights_record(names: list[str], lam: torch.Tensor, example_counts: dict[str, int], provenance: dict[str, Any],
+                   source_stats: dict[str, dict[str, int]] | None = None) -> dict:
+    """The weights file's content: source → weight in config order, plus the λ it came from and provenance.
+
+    ``source_stats`` ({name: example_stats(...)}) lets exporters convert between example-weighted and
+    token-weighted mixtures exactly (``scalebio export --basis``); files written before it existed lack it.
+    """
+    p = torch.softmax(lam.detach().double(), dim=0).tolist()
+    record = {
         "format": WEIGHTS_FORMAT,
         "sources": list(names),
         "weights": dict(zip(names, p)),
         "probabilities": p,
         "lambda": lam.detach().double().tolist(),
         "example_counts": example_counts,
-        "provenance": provenance,
     }
+    if source_stats is not None:
+        missing = [n for n in names if n not in source_stats]
+        if missing:
+            raise ValueError(f"source_stats: no entry for source {missing[0]!r}")
+        record["source_stats"] = {n: dict(source_stats[n]) for n in names}
+    record["provenance"] = provenance
+    return record
 
 
 def write_weights(path: Path, record: dict) -> None:
