@@ -332,6 +332,7 @@ class Reweighting:
             "active_blocks_u": list(s.lisa_u.active) if s.lisa_u else None,
             "active_blocks_w": list(s.lisa_w.active) if s.lisa_w else None,
         })
+        kill_point("log.between")
         self.run.append("weights.jsonl", {"step": step, "weights": weights})
 
     def _postfix(self, stats) -> str:
