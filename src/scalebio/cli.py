@@ -34,7 +34,7 @@ def _resample(args: argparse.Namespace) -> int:
 
     pool = pool_from_run(args.run_dir)
     weights = None if args.uniform else (args.weights or f"{args.run_dir}/weights.json")
-    manifest = resample(weights, pool, args.n, args.seed, args.out)
+    manifest = resample(weights, pool, args.n, args.seed, args.out, replace=args.replace)
     log.info("wrote %d examples to %s: %s", args.n, args.out, manifest["counts"])
     return 0
 
@@ -95,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         "reweight",
         help="learn source weights (writes a run directory with weights.json)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run ScaleBiO on the sources a config names. Resumes from the newest checkpoint in run_dir.",
+        description="Run ScaleBiO on the sources a config names. Options and key=value overrides may come in any "
+                    "order.\n\nResumes from the newest checkpoint in run_dir when started again with the same command; "
+                    "a resume whose data files changed\n(sha256) is refused, naming the file and both digests. "
+                    "resume=false starts over: the old run's checkpoints, logs and\ntokenizer are removed first. "
+                    "solver.steps: null = one epoch over the pooled training data, else an integer >= 1.\n"
+                    "Learning rates must be > 0, weight decays >= 0. A non-finite loss, λ or parameter stops the run "
+                    "(meta.json: failed);\nnothing non-finite is written.",
         epilog="config fields (set in the YAML or as key=value overrides, e.g. solver.alpha=100):\n" + "\n".join(describe(RunConfig)),
     )
     rw.add_argument("config", help="YAML run config")
@@ -105,10 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     rw.set_defaults(func=_reweight)
 
     rs = sub.add_parser("resample", help="draw N examples from a reweighting run's sources by its learned weights (or uniformly)",
-                        description="Sources and decontamination come from RUN_DIR/config.yaml; the output JSONL gets a "
-                                    "'source' field per record and a .manifest.json naming the weights file.")
+                        description="Sources and decontamination come from RUN_DIR/config.yaml (its data paths "
+                                    "resolve against the run's config file, from any directory); the weights must "
+                                    "name exactly the pool's sources. The output JSONL gets a 'source' field per "
+                                    "record and a .manifest.json naming the weights file; both are written "
+                                    "atomically.")
     rs.add_argument("run_dir", help="a `scalebio reweight` run directory")
-    rs.add_argument("--n", type=int, required=True, help="how many examples to draw")
+    rs.add_argument("--n", type=int, required=True, help="how many examples to draw (>= 1; at most the pool's size "
+                                                          "unless --replace)")
+    rs.add_argument("--replace", action="store_true", help="allow --n larger than the pool: records then repeat (the "
+                                                          "manifest counts the repeats per source)")
     rs.add_argument("--seed", type=int, default=0, help="draws are a pure function of the seed")
     rs.add_argument("--out", required=True, help="output JSONL")
     rs.add_argument("--weights", default=None, help="weights file (default RUN_DIR/weights.json)")
@@ -165,13 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Options and ``key=value`` overrides in any order: argparse stops filling a ``nargs="*"`` positional at
+    the first option, so overrides after an option come back unrecognized; they are appended in order."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if not (hasattr(args, "overrides") and _is_override(a))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ConfigError, ValueError, OSError, RuntimeError) as e:
         if args.verbose:
             raise
         log.error("%s", e)

@@ -95,7 +95,8 @@ class SolverConfig:
     """The bilevel updates of method.md §3 and their optimizers."""
 
     steps: int | None = None
-    """Steps per outer iteration; ``null`` = one epoch over the pooled training data (total // global_batch)."""
+    """Steps per outer iteration: an integer >= 1, or ``null`` = one epoch over the pooled training data
+    (total examples // global_batch, at least 1). 0 and negative values are rejected."""
     global_batch: int = 64
     """Training examples per step (across accumulation steps and ranks)."""
     micro_batch: int = 8
@@ -103,12 +104,17 @@ class SolverConfig:
     val_batch: int | None = None
     """Validation examples per step; ``null`` = same as ``global_batch``."""
     lr_u: float = 1e-5
+    """Peak learning rate of u; must be finite and > 0."""
     lr_w: float = 1e-5
+    """Peak learning rate of w; must be finite and > 0."""
     lr_lambda: float = 1e-2
+    """Peak learning rate of λ; must be finite and > 0."""
     weight_decay_u: float = 5e-4
+    """AdamW weight decay of u; >= 0."""
     weight_decay_w: float = 5e-4
+    """AdamW weight decay of w; >= 0."""
     weight_decay_lambda: float = 0.01
-    """AdamW's default, which the released code used for λ; it pulls λ toward uniform."""
+    """AdamW's default, which the released code used for λ; it pulls λ toward uniform. >= 0."""
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_ratio: float = 0.0
@@ -381,6 +387,22 @@ def validate_run_config(cfg: RunConfig) -> None:
     if d.max_length < 2:
         raise ConfigError("data.max_length: must be at least 2")
     s = cfg.solver
+    if s.steps is not None and s.steps < 1:
+        raise ConfigError(f"solver.steps: {s.steps} must be at least 1 (or null for one epoch over the pooled training data)")
+    for name in ("lr_u", "lr_w", "lr_lambda"):
+        value = getattr(s, name)
+        if not (value > 0 and value != float("inf")):  # also false for NaN
+            raise ConfigError(f"solver.{name}: {value} must be a finite number > 0")
+    for name in ("weight_decay_u", "weight_decay_w", "weight_decay_lambda"):
+        value = getattr(s, name)
+        if not (value >= 0 and value != float("inf")):
+            raise ConfigError(f"solver.{name}: {value} must be a finite number >= 0")
+    o = m.config_overrides or {}
+    for width, heads in (("n_embd", "n_head"), ("hidden_size", "num_attention_heads"), ("d_model", "n_heads")):
+        if ("head_dim" not in o and isinstance(o.get(width), int) and isinstance(o.get(heads), int)
+                and o[heads] > 0 and o[width] % o[heads]):
+            raise ConfigError(f"model.config_overrides.{width}: {o[width]} is not divisible by "
+                              f"model.config_overrides.{heads} ({o[heads]})")
     if s.global_batch < 1 or s.micro_batch < 1:
         raise ConfigError("solver.global_batch and solver.micro_batch must be positive")
     if s.global_batch % s.micro_batch:

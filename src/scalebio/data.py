@@ -64,6 +64,8 @@ class DataError(ValueError):
 def read_records(path: Path) -> list[dict]:
     """Records of a ``.json`` file (a JSON list of objects) or a ``.jsonl`` file (one object per line)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a .json or .jsonl file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     suffix = path.suffix.lower()

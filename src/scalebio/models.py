@@ -102,6 +102,58 @@ def special_token_ids(tokenizer) -> dict[str, int]:
     return out
 
 
+WIDTH_KEYS = ("n_embd", "hidden_size", "d_model")
+
+
+def check_heads(cfg: ModelConfig, mcfg) -> None:
+    """A from-config model's width must split evenly over its attention heads (unless ``head_dim`` is set);
+    otherwise a ConfigError naming the ``model.config_overrides`` field, not a traceback from inside the model."""
+    overrides = cfg.config_overrides or {}
+    hidden, heads = getattr(mcfg, "hidden_size", None), getattr(mcfg, "num_attention_heads", None)
+    if "head_dim" in overrides or not isinstance(hidden, int) or not isinstance(heads, int) or heads < 1:
+        return
+    if hidden % heads:
+        width = next((k for k in WIDTH_KEYS if k in overrides), "n_embd" if cfg.architecture == "gpt2" else "hidden_size")
+        raise ConfigError(f"model.config_overrides.{width}: {hidden} is not divisible by the number of attention "
+                          f"heads ({heads})")
+
+
+def position_limit(cfg: ModelConfig) -> int | None:
+    """The most positions the configured model takes (``max_position_embeddings`` / ``n_positions``), when it
+    can be known without building the model or using the network: a from-config architecture, or a local
+    directory with config.json. None otherwise (then it is checked on the built model)."""
+    from transformers import AutoConfig
+
+    if cfg.architecture:
+        try:
+            mcfg = AutoConfig.for_model(cfg.architecture, **dict(cfg.config_overrides))
+        except (ValueError, TypeError):
+            return None  # build_model reports it
+        return model_position_limit(mcfg)
+    if cfg.name_or_path and (Path(cfg.name_or_path) / "config.json").is_file():
+        import json
+
+        data = {**json.loads((Path(cfg.name_or_path) / "config.json").read_text()), **cfg.config_overrides}
+        for key in ("max_position_embeddings", "n_positions"):
+            if isinstance(data.get(key), int):
+                return data[key]
+    return None
+
+
+def model_position_limit(model_or_config) -> int | None:
+    """``max_position_embeddings`` of a built model (or a transformers config), None when it has none."""
+    mcfg = getattr(model_or_config, "config", model_or_config)
+    value = getattr(mcfg, "max_position_embeddings", None)
+    return value if isinstance(value, int) else None
+
+
+def check_max_length(max_length: int, limit: int | None) -> None:
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"data.max_length: {max_length} is larger than the model's {limit} positions "
+                          f"(max_position_embeddings / n_positions); lower data.max_length or give the model more "
+                          f"positions")
+
+
 def build_model(cfg: ModelConfig, vocab_size: int | None = None, seed: int = 0,
                 token_ids: dict[str, int] | None = None) -> torch.nn.Module:
     """One causal LM as the config says. A from-config model is initialised from ``seed`` (same seed, same
@@ -119,6 +171,7 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, seed: int = 0,
             mcfg = AutoConfig.for_model(cfg.architecture, **kwargs)
         except ValueError as e:
             raise ConfigError(f"model.architecture: {e}") from None
+        check_heads(cfg, mcfg)
         with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype)
