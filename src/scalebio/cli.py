@@ -59,9 +59,17 @@ def _evaluate(args: argparse.Namespace) -> int:
             tasks.append(load_task_yaml(task, args.data_file))
         else:
             tasks.append(task)  # a built-in lm-eval task (downloads its data)
+    import torch
+
+    from . import precision
+
     model, tokenizer = load_model(args.model, args.gguf_file, args.device)
-    result = evaluate(model, tokenizer, tasks, Path(args.out), limit=args.limit, batch_size=args.batch_size,
-                      max_length=args.max_length)  # the in-memory model stays on load_model's device
+    device = next(model.parameters()).device
+    compute_dtype = precision.resolve(args.precision, device)
+    log.info("evaluating with %s compute", "bf16 (autocast)" if compute_dtype == torch.bfloat16 else "fp32")
+    with precision.autocast(compute_dtype, device):
+        result = evaluate(model, tokenizer, tasks, Path(args.out), limit=args.limit, batch_size=args.batch_size,
+                          max_length=args.max_length)  # the in-memory model stays on load_model's device
     log.info("wrote %s: %s", args.out, result.get("tasks"))
     return 0
 
@@ -149,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gguf-file", default=None, help="a GGUF file inside MODEL")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ev.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="compute precision (autocast bf16 on a bf16-capable GPU or CPU under auto)")
     ev.set_defaults(func=_evaluate)
 
     from .export import FORMATS, STOPPING, help_epilog

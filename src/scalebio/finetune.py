@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from . import sharding
+from . import precision, sharding
 from .config import ConfigError, LisaConfig, ModelConfig, SourceConfig, TokenizerConfig, resolve_relative, save_config
 from .lisa import Lisa
 from .models import build_model, load_tokenizer, special_token_ids
@@ -59,6 +59,8 @@ class FinetuneConfig:
     lisa: LisaConfig = field(default_factory=LisaConfig)
     save_model: bool = True
     threads: int | None = None
+    precision: str = "auto"
+    """auto | fp32 | bf16, as in RunConfig (scalebio.precision). Under DeepSpeed the JSON's bf16 section rules."""
     sharding: str = "auto"
     """none | fsdp | deepspeed | auto (scalebio.sharding): auto is deepspeed under a DeepSpeed launch or with
     ``deepspeed`` set, fsdp under an FSDP accelerate config, else none."""
@@ -74,6 +76,8 @@ class FinetuneConfig:
 def validate_finetune_config(cfg: FinetuneConfig) -> None:
     if not (cfg.train.path or cfg.train.hub_dataset):
         raise ConfigError("train.path: required")
+    if cfg.precision not in precision.CHOICES:
+        raise ConfigError(f"precision: {cfg.precision!r} is not one of {', '.join(precision.CHOICES)}")
     if cfg.global_batch % cfg.micro_batch:
         raise ConfigError(f"global_batch: {cfg.global_batch} is not a multiple of micro_batch {cfg.micro_batch}")
     if cfg.deepspeed and cfg.sharding not in ("auto", "deepspeed"):
@@ -161,7 +165,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
         opt = engine.optimizer  # its param_groups are AdamW's: the schedule below sets lr there
         engine_meta = sharding.deepspeed_summary(engine, ds_file)
         log.info("DeepSpeed engine: %s", engine_meta)
-    objective = CausalLMObjective()
+    objective = CausalLMObjective(chunked=mode == "none")
+    compute_dtype = precision.resolve(cfg.precision, device) if engine is None else torch.float32
     steps = cfg.steps or max(1, int(cfg.epochs * len(examples)) // cfg.global_batch)
     sampler = data_mod.BatchSampler([len(examples)], cfg.global_batch, "pooled", seed=cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -177,7 +182,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
             opt.zero_grad(set_to_none=True)
         total = 0.0
         for batch in data_mod.micro_batches(mine, cfg.micro_batch, tokenizer.pad_token_id, device):
-            ell = objective.per_example_loss(engine or model, batch)
+            with precision.autocast(compute_dtype, device):
+                ell = objective.per_example_loss(engine or model, batch)
             if not torch.isfinite(ell).all():
                 raise NonFiniteLossError(step, "fine-tuning loss", float(ell[~torch.isfinite(ell)][0]))
             if engine is not None:
@@ -216,7 +222,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
         write_json(run.path / "meta.json", {
             "status": "finished", "seed": cfg.seed, "steps": steps, "examples": len(examples),
             "truncated": train.stats["truncated"], "data": train.stats,
-            "world_size": world, "sharding": mode, "deepspeed": engine_meta, "versions": package_versions(),
+            "world_size": world, "sharding": mode, "deepspeed": engine_meta,
+            "precision": precision.record(cfg.precision, compute_dtype, device), "versions": package_versions(),
             "git_revision": git_revision(), "hardware": hardware(), "wall_time_s": time.time() - t0,
         })
     return folder

@@ -276,6 +276,8 @@ class Reweighting:
             self.train_sampler.load_state_dict(state["train_sampler"])
             self.val_sampler.load_state_dict(state["val_sampler"])
             torch.set_rng_state(state["torch_rng"])
+            if torch.cuda.is_available() and state.get("cuda_rng") is not None:  # dropout on the GPU resumes too
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
             if self.rank == 0:
                 self.run.truncate_logs(state["step"])
             log.info("resumed from %s (step %d of %d)", ckpt, state["step"], self.total_steps)
@@ -381,6 +383,7 @@ class Reweighting:
             "train_sampler": self.train_sampler.state_dict(),
             "val_sampler": self.val_sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         })
 
     def _write_meta(self, status: str, wall: float, error: str | None = None) -> None:
