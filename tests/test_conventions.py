@@ -225,3 +225,39 @@ def test_lisa_trains_embeddings_and_draws_independently_for_u_and_w(tmp_path):
         draws_u.append(list(solver.lisa_u.active))
         draws_w.append(list(solver.lisa_w.active))
     assert draws_u != draws_w
+
+
+# -- the authors' prompt -----------------------------------------------------------------------------------------
+def test_authors_prompt_and_kept_eos():
+    """``data.prompt: authors`` (auto under acl / v1): the Alpaca preamble before the instruction blocks, the loss
+    only on the output and its eos, and a truncated example still ending in eos. ``scalebio`` has no preamble
+    and cuts the eos. Catches the preamble lost, the prompt labelled, and the eos dropped by truncation."""
+    from scalebio.data import AUTHORS_PREAMBLE, tokenize_record
+    from scalebio.models import gpt2_bpe_tokenizer
+
+    tok = gpt2_bpe_tokenizer()
+    rec = {"instruction": "Name a colour.", "input": "", "output": "Blue is a colour of the sky and the sea."}
+    ids, labels, cut = tokenize_record(rec, "alpaca", tok, 512, prompt="authors")
+    text = tok.decode(ids)
+    assert text.startswith(AUTHORS_PREAMBLE[False] + "### Instruction:\nName a colour.\n\n### Response:\n") and not cut
+    assert tok.decode([t for t, y in zip(ids, labels) if y != -100]) == rec["output"] + tok.eos_token
+    ours, _, _ = tokenize_record(rec, "alpaca", tok, 512)
+    assert tok.decode(ours).startswith("### Instruction:")
+    short = len(ids) - 4
+    ids_cut, labels_cut, cut = tokenize_record(rec, "alpaca", tok, short, prompt="authors")
+    assert cut and len(ids_cut) == short and ids_cut[-1] == tok.eos_token_id and labels_cut[-1] == tok.eos_token_id
+    ours_cut, _, cut = tokenize_record(rec, "alpaca", tok, len(ours) - 4)
+    assert cut and ours_cut[-1] != tok.eos_token_id
+    conv = {"items": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
+    ids, labels, _ = tokenize_record(conv, "conversations", tok, 64, prompt="authors")
+    assert tok.decode(ids) == "###Human: Hi###Assistant: Hello." + tok.eos_token
+    assert tok.decode([t for t, y in zip(ids, labels) if y != -100]) == "###Assistant: Hello." + tok.eos_token
+
+
+def test_prompt_auto_follows_conventions(tmp_path):
+    from scalebio.config import prompt_style
+
+    path = tiny_run_config(tmp_path)
+    assert prompt_style(load_config(path)) == "scalebio"
+    assert prompt_style(load_config(path, ["solver.conventions=acl"])) == "authors"
+    assert prompt_style(load_config(path, ["solver.conventions=v1", "data.prompt=scalebio"])) == "scalebio"

@@ -88,6 +88,12 @@ class DataConfig:
     permutation of the pooled examples per epoch (the v1 code). ``replacement``: each example drawn uniformly
     from the pool with replacement (the later code's fresh iterator per micro-step). ``auto``: stratified under
     ``solver.conventions: scalebio``, pooled under ``v1``, replacement under ``acl``."""
+    prompt: str = "auto"
+    """How instruction records are rendered. ``scalebio``: the tokenizer's chat template, else the plain template
+    (scalebio.data). ``authors``: the released code's prompts: the Stanford Alpaca preamble ("Below is an
+    instruction that describes a task…") for Alpaca records, ``###Human: `` / ``###Assistant: `` turns for
+    conversations, and an eos kept at the end of a truncated example. ``auto``: ``authors`` under
+    ``solver.conventions: acl`` or ``v1``, else ``scalebio``."""
 
 
 @dataclass
@@ -407,6 +413,8 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ConfigError("solver.global_batch and solver.micro_batch must be positive")
     if s.global_batch % s.micro_batch:
         raise ConfigError(f"solver.global_batch: {s.global_batch} is not a multiple of micro_batch {s.micro_batch}")
+    if d.prompt not in ("auto", "scalebio", "authors"):
+        raise ConfigError(f"data.prompt: {d.prompt!r} is not one of auto, scalebio, authors")
     if s.conventions not in CONVENTIONS:
         raise ConfigError(f"solver.conventions: {s.conventions!r} is not one of {', '.join(CONVENTIONS)}")
     if sampling_mode(cfg) == "stratified" and s.global_batch < len(d.sources):
@@ -437,6 +445,13 @@ def sampling_mode(cfg: RunConfig) -> str:
     if cfg.data.sampling != "auto":
         return cfg.data.sampling
     return DEFAULT_SAMPLING.get(cfg.solver.conventions, "stratified")
+
+
+def prompt_style(cfg: RunConfig) -> str:
+    """``data.prompt`` with ``auto`` resolved by ``solver.conventions``."""
+    if cfg.data.prompt != "auto":
+        return cfg.data.prompt
+    return "scalebio" if cfg.solver.conventions == "scalebio" else "authors"
 
 
 def save_config(cfg: Any, path: Path) -> None:

@@ -41,7 +41,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from .config import RunConfig, SourceConfig
+from .config import RunConfig, SourceConfig, prompt_style
 
 log = logging.getLogger(__name__)
 
@@ -323,10 +323,43 @@ def _template_segments(messages: list[dict], tokenizer) -> list[Segment] | None:
     return [s for s in segments if s[0]]
 
 
-def render_segments(record: dict, fmt: str, tokenizer) -> list[Segment]:
-    """The record as ordered segments ``(text or token ids, carries_loss)``, with a leading BOS id if needed."""
+AUTHORS_PREAMBLE = {
+    True: "Below is an instruction that describes a task, paired with an input that provides further context. "
+          "Write a response that appropriately completes the request.\n\n",
+    False: "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n",
+}
+AUTHORS_ROLES = {"system": "###System: ", "user": "###Human: ", "assistant": "###Assistant: "}
+
+
+def _authors_segments(record: dict, fmt: str, tokenizer) -> list[Segment]:
+    """The released code's prompts (``data.prompt: authors``). Alpaca records: the Stanford Alpaca preamble
+    (with or without the input), then the plain blocks; loss on the output and eos. Conversations: each turn
+    prefixed by ``###System: `` / ``###Human: `` / ``###Assistant: `` with no separator, loss on the whole
+    assistant turn (marker included, as the released code labels it) and the eos after it. Their tokenizer call
+    also inserts a BOS before each assistant turn of a BOS-adding tokenizer; that quirk is not copied."""
+    eos = _eos_ids(tokenizer)
+    if fmt == "alpaca":
+        has_input = bool(record.get("input"))
+        prompt = AUTHORS_PREAMBLE[has_input] + f"### Instruction:\n{record['instruction']}\n\n"
+        if has_input:
+            prompt += f"### Input:\n{record['input']}\n\n"
+        prompt += "### Response:\n"
+        return [(prompt, False), (record["output"], True), (eos, True)]
+    segments: list[Segment] = []
+    for m in to_messages(record, fmt):
+        text = AUTHORS_ROLES[m["role"]] + m["content"]
+        segments.extend([(text, True), (eos, True)] if m["role"] == "assistant" else [(text, False)])
+    return segments
+
+
+def render_segments(record: dict, fmt: str, tokenizer, prompt: str = "scalebio") -> list[Segment]:
+    """The record as ordered segments ``(text or token ids, carries_loss)``, with a leading BOS id if needed.
+    ``prompt``: ``scalebio`` (the chat template, else the plain template of the module docstring) or
+    ``authors`` (the released code's prompts, ``_authors_segments``)."""
     if fmt == "text":
         segments: list[Segment] = [(record["text"], True), (_eos_ids(tokenizer), True)]
+    elif prompt == "authors":
+        segments = _authors_segments(record, fmt, tokenizer)
     else:
         segments = None
         if getattr(tokenizer, "chat_template", None):
@@ -360,16 +393,27 @@ def _tokenize_segments(batch: Sequence[list[Segment]], tokenizer) -> list[tuple[
     return out
 
 
-def _truncate(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
+def _truncate(ids: list[int], labels: list[int], max_length: int,
+              keep_eos: int | None = None) -> tuple[list[int], list[int], bool]:
+    """Keep the left ``max_length`` tokens. ``keep_eos`` (an eos id; the released code's rule): a truncated
+    example still ends in eos, which carries loss when the token it replaces did."""
     if len(ids) <= max_length:
         return ids, labels, False
-    return ids[:max_length], labels[:max_length], True
+    if keep_eos is None:
+        return ids[:max_length], labels[:max_length], True
+    last = keep_eos if labels[max_length - 1] != IGNORE_INDEX else IGNORE_INDEX
+    return ids[:max_length - 1] + [keep_eos], labels[:max_length - 1] + [last], True
 
 
-def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int) -> tuple[list[int], list[int], bool]:
+def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int,
+                    prompt: str = "scalebio") -> tuple[list[int], list[int], bool]:
     """(input_ids [T], labels [T] with -100 off the response, truncated) with T <= max_length."""
-    ((ids, labels),) = _tokenize_segments([render_segments(record, fmt, tokenizer)], tokenizer)
-    return _truncate(ids, labels, max_length)
+    ((ids, labels),) = _tokenize_segments([render_segments(record, fmt, tokenizer, prompt)], tokenizer)
+    return _truncate(ids, labels, max_length, _kept_eos(tokenizer, prompt))
+
+
+def _kept_eos(tokenizer, prompt: str) -> int | None:
+    return tokenizer.eos_token_id if prompt == "authors" else None
 
 
 def _has_target(labels: list[int]) -> bool:
@@ -443,13 +487,13 @@ def _load_checked(src: SourceConfig, cfg: RunConfig, field_name: str) -> tuple[l
 
 
 def _tokenize_set(records: list[dict], fmt: str, tokenizer, max_length: int, source: int,
-                  chunk: int = 512) -> tuple[list[Example], int, int]:
+                  chunk: int = 512, prompt: str = "scalebio") -> tuple[list[Example], int, int]:
     """(examples, truncated, dropped_no_response); examples whose loss tokens were all cut are dropped."""
     examples, truncated, dropped = [], 0, 0
     for start in range(0, len(records), chunk):
-        batch = [render_segments(r, fmt, tokenizer) for r in records[start:start + chunk]]
+        batch = [render_segments(r, fmt, tokenizer, prompt) for r in records[start:start + chunk]]
         for ids, labels in _tokenize_segments(batch, tokenizer):
-            ids, labels, cut = _truncate(ids, labels, max_length)
+            ids, labels, cut = _truncate(ids, labels, max_length, _kept_eos(tokenizer, prompt))
             truncated += cut
             if not _has_target(labels):
                 dropped += 1
@@ -475,7 +519,8 @@ def build_datasets(cfg: RunConfig, tokenizer) -> tuple[list[TokenizedSet], Token
             blocked.update(prompt_key(r, fmt) for r in records)
         blocked.discard("")  # an empty prompt says nothing about overlap
 
-    val_examples, val_cut, val_dropped = _tokenize_set(val_records, val_fmt, tokenizer, max_length, 0)
+    val_examples, val_cut, val_dropped = _tokenize_set(val_records, val_fmt, tokenizer, max_length, 0,
+                                                       prompt=prompt_style(cfg))
     if not val_examples:
         raise DataError(f"data.validation: {_source_label(d.validation)}: empty after truncation: every example "
                         f"lost its response (data.max_length {max_length})")
@@ -492,7 +537,7 @@ def build_datasets(cfg: RunConfig, tokenizer) -> tuple[list[TokenizedSet], Token
         if not kept:
             raise DataError(f"{where}: {label}: empty after decontamination: all {len(records)} prompts occur in "
                             f"data.validation or data.decontaminate_against")
-        examples, cut, dropped = _tokenize_set(kept, fmt, tokenizer, max_length, i)
+        examples, cut, dropped = _tokenize_set(kept, fmt, tokenizer, max_length, i, prompt=prompt_style(cfg))
         if not examples:
             raise DataError(f"{where}: {label}: empty after truncation: every example lost its response "
                             f"(data.max_length {max_length})")
