@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from .weights import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "accelerate", "deepspeed", "lm_eval", "numpy", "scalebio")
@@ -124,20 +126,9 @@ class RunDirError(ValueError):
 
 
 def write_text(path: Path, text: str) -> None:
-    """Atomic whole-file write: a temporary file beside ``path``, fsynced, then renamed over it."""
+    """Atomic whole-file write (weights.atomic_write_text), with the kill point ``write.<name>`` before the rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        kill_point(f"write.{path.name}")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text, before_replace=lambda: kill_point(f"write.{path.name}"))
 
 
 def write_json(path: Path, data: Any) -> None:

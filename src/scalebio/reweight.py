@@ -41,14 +41,6 @@ from .weights import file_sha256, weights_record
 log = logging.getLogger(__name__)
 
 
-def micro_batches(examples: list, micro: int, pad_id: int, device: torch.device | None = None) -> list[dict]:
-    """This rank's examples, collated in micro-batches of at most ``micro``, on ``device``."""
-    out = [data_mod.collate(examples[i:i + micro], pad_id) for i in range(0, len(examples), micro)]
-    if device is not None and device.type != "cpu":
-        out = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in out]
-    return out
-
-
 def config_digest(cfg: RunConfig) -> str:
     payload = to_dict(cfg)
     payload.pop("resume", None)
@@ -313,8 +305,8 @@ class Reweighting:
         val = [self.validation.examples[i] for _, i in self.val_sampler.next_batch()]
         train = rank_slice(train, self.rank, self.world)
         val = rank_slice(val, self.rank, self.world)
-        return (micro_batches(train, micro, self.pad_id, self.device),
-                micro_batches(val, micro, self.pad_id, self.device))
+        return (data_mod.micro_batches(train, micro, self.pad_id, self.device),
+                data_mod.micro_batches(val, micro, self.pad_id, self.device))
 
     def _log(self, step: int, outer: int, alpha: float, stats) -> None:
         if self.rank != 0:

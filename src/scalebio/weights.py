@@ -50,8 +50,9 @@ def lambda_gradient(p: torch.Tensor, loss_w: torch.Tensor, loss_u: torch.Tensor,
     return alpha * jac @ d
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new one, never a partial file."""
+def atomic_write_text(path: Path, text: str, before_replace=None) -> None:
+    """Write a file so that readers see the old content or the new one, never a partial file: a temporary file
+    beside ``path``, fsynced, then renamed over it (``before_replace()`` runs just before the rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -60,6 +61,8 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
