@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 NO_DROPOUT = ["model.config_overrides.resid_pdrop=0.0", "model.config_overrides.embd_pdrop=0.0",
               "model.config_overrides.attn_pdrop=0.0", "solver.steps=3", "checkpoint_every=1",
-              "lisa.enabled=true", "lisa.gamma=1", "lisa.interval=1"]
+              "lisa.enabled=true", "lisa.gamma=1", "lisa.interval=1", "precision=fp32"]
 
 
 def launch(config, out, nproc, extra=(), env_extra=None):
@@ -67,6 +67,16 @@ def test_lambda_matches_one_process(runs):
     assert double[0]["lambda"] == double[1]["lambda"]
 
 
+def test_one_w_pass_on_two_ranks_matches_two_passes_on_one(runs):
+    """w's one pass over V and B (the default), on 2 ranks, gives the λ of the two-pass form on one process."""
+    tmp, config, _, double, mode = runs
+    if mode != "none":
+        pytest.skip("checked once, on the replicated path")
+    two_pass = launch(config, tmp / "one_two_pass", 1, [f"run_dir={tmp / 'run1_two_pass'}", "solver.fused_w=false"])
+    for r in double:
+        assert r["lambda"] == pytest.approx(two_pass[0]["lambda"], abs=1e-6)
+
+
 def test_lisa_blocks_identical_on_every_rank(runs):
     _, _, single, double, _ = runs
     assert double[0]["lisa"] == double[1]["lisa"] == single[0]["lisa"]
@@ -94,7 +104,7 @@ def finetune_config(tmp_path_factory):
                "num_key_value_heads": 2}},
            "tokenizer": {"kind": "gpt2_bpe"}, "train": {"path": str(tmp / "train.jsonl")},
            "max_length": 64, "steps": 3, "global_batch": 8, "micro_batch": 2, "lr": 1e-3,
-           "lisa": {"enabled": True, "gamma": 1, "interval": 1}}
+           "lisa": {"enabled": True, "gamma": 1, "interval": 1}, "precision": "fp32"}
     import yaml
 
     (tmp / "ft.yaml").write_text(yaml.safe_dump(cfg))

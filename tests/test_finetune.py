@@ -3,6 +3,9 @@ file whose records mix formats) and the checks that guard its DeepSpeed mode. Th
 FSDP, DeepSpeed ZeRO-2/3) are in test_distributed.py."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -28,7 +31,8 @@ def _config(tmp_path, records, **top) -> FinetuneConfig:
            "model": {"architecture": "llama", "config_overrides": {
                "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                "num_key_value_heads": 2}},
-           "train": {"path": "train.jsonl"}, "max_length": 64, "steps": 2, "global_batch": 4, "micro_batch": 2, **top}
+           "train": {"path": "train.jsonl"}, "max_length": 64, "steps": 2, "global_batch": 4, "micro_batch": 2,
+           "precision": "fp32", **top}
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(cfg))
     return load_config(str(tmp_path / "ft.yaml"), [], FinetuneConfig)
 
@@ -100,18 +104,15 @@ def test_deepspeed_mode_refuses_lisa_and_needs_a_json(tmp_path, monkeypatch):
 def test_one_rank_deepspeed_engine_matches_plain_training(tmp_path, monkeypatch):
     """`deepspeed: FILE.json` on one process (ZeRO offload on one GPU is a real use) runs a ZeRO-2 engine in a
     process group of one and gives the plain run's losses (float32: 1e-5)."""
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # set by the run; removed again afterwards
-        monkeypatch.delenv(name, raising=False)
+    # In subprocesses: a DeepSpeed engine leaves process-group and accelerate state behind in its process, which
+    # would leak into later in-process tests.
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": "auto"}))
-    plain = _config(tmp_path, alpaca_records(8, seed=6), save_model=False, output_dir=str(tmp_path / "plain"))
-    finetune(plain, progress=False)
-    engine = _config(tmp_path, alpaca_records(8, seed=6), save_model=False, output_dir=str(tmp_path / "ds"),
-                     deepspeed="ds.json")
-    finetune(engine, progress=False)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    _config(tmp_path, alpaca_records(8, seed=6), save_model=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    for name, extra in (("plain", []), ("ds", ["deepspeed=ds.json"])):
+        subprocess.run([sys.executable, "-m", "scalebio.cli", "finetune", str(tmp_path / "ft.yaml"), "--no-progress",
+                        f"output_dir={tmp_path / name}", *extra], check=True, env={**env, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, timeout=300)
     runs = {}
     for name in ("plain", "ds"):
         meta = json.loads((tmp_path / name / "meta.json").read_text())

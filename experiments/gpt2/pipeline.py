@@ -64,7 +64,8 @@ def retrain_arm(plan: dict, variant: dict, seed: int, method: str, run_dir: Path
     work.mkdir(parents=True, exist_ok=True)
     sample = work / "train.jsonl"
     weights = None if method == "uniform" else run_dir / "weights.json"
-    manifest = resample(weights, pool_from_run(run_dir), r["n"], seed, sample)
+    # replace=True: the instruction-following retrain set (4,800) is larger than its pool (3,000), by design.
+    manifest = resample(weights, pool_from_run(run_dir), r["n"], seed, sample, replace=True)
     ft = load_config(plan["folder"] / r["config"], [f"seed={seed}", f"output_dir={work / 'finetune'}",
                                                     f"train.path={sample}", f"tokenizer.name_or_path={run_dir / 'tokenizer'}",
                                                     *r.get("overrides", [])], FinetuneConfig)
