@@ -29,7 +29,7 @@ test-slow: setup ## end-to-end checks: 2-process runs, each experiment's pipelin
 clean: ## remove run outputs of tests and local runs (not results/)
 	rm -rf runs .pytest_cache
 
-.PHONY: reproduce-gpt2 reproduce-llama3-offline figures bench table1
+.PHONY: reproduce-gpt2 reproduce-llama3-offline reproduce-llama3-small figures bench table1
 reproduce-gpt2: setup ## recompute the three GPT-2 experiments (CPU preset: under 60 min on 2 cores) over results/gpt2, tables and figures, then the committed-vs-recomputed report
 	$(MAKE) -j2 gpt2-denoising-multilingual gpt2-instruction-following
 	$(MAKE) figures
@@ -43,7 +43,10 @@ gpt2-denoising-multilingual:
 gpt2-instruction-following:
 	$(BIN)/python experiments/gpt2/pipeline.py instruction_following
 
-reproduce-llama3-offline: setup ## the LLaMA-3 pipeline's offline preset on SmolLM2-135M (pool → reweight → resample → fine-tune → lm-eval → Table 1; about 70 min on 2 cores)
+reproduce-llama3-offline: setup ## Table 1's protocol on SmolLM2-135M with a control source: pool → reweight (3 seeds) → resample → fine-tune (2 arms × 3 seeds) → lm-eval → Table 1; resumes after a kill (hours: see experiments/llama3/README.md)
+	$(BIN)/python experiments/llama3/protocol.py
+
+reproduce-llama3-small: setup ## the earlier small offline preset (40 steps, one reweighting seed, 2 fine-tuning seeds; about 70 min on 2 cores)
 	$(BIN)/python experiments/llama3/offline.py
 
 figures: ## rebuild every table and figure from results/ alone (seconds)

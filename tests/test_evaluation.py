@@ -230,3 +230,42 @@ def test_cli_evaluate_runs_an_experiment_yaml(tmp_path, tok, tiny_model):
                  "--out", str(out), "--max-length", "64"]) == 0
     metrics = json.loads(out.read_text())["tasks"]["gpt2_denoising_test"]
     assert metrics["bits_per_byte"] > 0 and metrics["byte_perplexity"] == pytest.approx(2 ** metrics["bits_per_byte"])
+
+
+def test_samples_file_aggregates_to_eval_json(tmp_path, tok, tiny_model):
+    """eval_samples.jsonl holds the per-document values lm-eval aggregated: Σ nll / Σ n_tokens over the file is
+    eval.json's nll_per_token exactly, the mean exact match is its exact_match; eval.json is unchanged."""
+    import math
+
+    from scalebio.evaluation.record import read_samples
+
+    records = alpaca_records(N_RECORDS, seed=3)
+    task = ev.response_loglik_task("val_resp", write_jsonl(tmp_path / "val.jsonl", records), tokenizer=tok,
+                                   rendered_dir=tmp_path / "rendered")
+    without = ev.evaluate(tiny_model, tok, [task], tmp_path / "without" / "eval.json")
+    out = tmp_path / "with" / "eval.json"
+    result = ev.evaluate(tiny_model, tok, [task], out, samples_out=out.with_name("eval_samples.jsonl"))
+    assert result == without
+    text = out.with_name("eval_samples.jsonl").read_text()
+    lines = read_samples(out.with_name("eval_samples.jsonl"))
+    assert [line["doc_id"] for line in lines] == list(range(N_RECORDS))
+    assert all(set(line) == {"task", "doc_id", "nll", "n_tokens", "n_bytes"} for line in lines)
+    docs = [json.loads(d) for d in open(task["dataset_kwargs"]["data_files"]["test"])]
+    assert [line["n_tokens"] for line in lines] == [d["n_target_tokens"] for d in docs]
+    metrics = result["tasks"]["val_resp"]
+    assert sum(line["nll"] for line in lines) / sum(line["n_tokens"] for line in lines) == metrics["nll_per_token"]
+    assert sum(line["nll"] for line in lines) / sum(line["n_bytes"] for line in lines) / math.log(2) == \
+        pytest.approx(metrics["bits_per_byte"], rel=1e-12)
+    ev.evaluate(tiny_model, tok, [task], out, samples_out=out.with_name("eval_samples.jsonl"))
+    assert out.with_name("eval_samples.jsonl").read_text() == text  # deterministic
+
+    questions = [{"question": f"What is {a} + {b}?", "answer": f"#### {a + b}"} for a, b in [(4, 6), (7, 8), (1, 2)]]
+    em_task = ev.exact_match_task("toy_gsm", write_jsonl(tmp_path / "gsm.jsonl", questions), limit=3, tokenizer=tok,
+                                  rendered_dir=tmp_path / "rendered")
+    em_out = tmp_path / "em" / "eval.json"
+    em = ev.evaluate(_scripted_lm(lambda d: d["answer"] if d["answer"] != "15" else "3"), None, [em_task], em_out,
+                     samples_out=em_out.with_name("eval_samples.jsonl"))
+    em_lines = read_samples(em_out.with_name("eval_samples.jsonl"))
+    assert em_lines == [{"task": "toy_gsm", "doc_id": i, "filter": "extract", "exact_match": v}
+                        for i, v in enumerate([1, 0, 1])]
+    assert em["tasks"]["toy_gsm"]["exact_match,extract"] == pytest.approx(2 / 3)

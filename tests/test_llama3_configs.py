@@ -129,6 +129,68 @@ def test_build_pool_tiny(tmp_path):
             assert prompt_key(r, s["format"]) not in held_out
 
 
+def test_protocol_presets_validate():
+    """The Table 1 protocol preset keeps what the issue fixes: the five authors' sources and one control source,
+    stratified batches of at least 4 per source, at least 150 steps, at most 3,000 records per source; the
+    fine-tuning preset sees each of the N >= 2,000 drawn examples once, the same budget for both arms."""
+    cfg = load_config(LLAMA3 / "protocol_smollm2.yaml")
+    names = [s.name for s in cfg.data.sources]
+    control = [n for n in names if "control" in n]
+    assert control == ["control-dot-responses"] and len(names) == 6
+    assert set(names) - set(control) == set(_module("build_pool").AUTHORS_SOURCES)
+    assert cfg.data.sampling == "stratified" and cfg.solver.global_batch >= 4 * len(names)
+    assert cfg.solver.global_batch % len(names) == 0 and len({s.limit for s in cfg.data.sources}) == 1
+    assert all(s.limit <= 3000 for s in cfg.data.sources) and cfg.solver.steps >= 150
+    assert cfg.model.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf" and cfg.lisa.enabled
+    assert cfg.data.root.endswith("protocol_pool")
+    ft = load_config(LLAMA3 / "protocol_finetune.yaml", cls=FinetuneConfig)
+    validate_finetune_config(ft)
+    protocol = _module("protocol")
+    assert protocol.N >= 2000 and ft.steps * ft.global_batch == protocol.N
+    assert len(protocol.REWEIGHT_SEEDS) == 3 and len(protocol.FINETUNE_SEEDS) >= 3
+    assert protocol.POOL_ARGS == ["--control", "600", "--no-stand-ins"] and protocol.EVAL["mt_bench"]
+
+
+@needs_data
+def test_control_source(tmp_path):
+    """build_pool --control: deterministic; every response is "."; prompts decontaminated like the rest and
+    disjoint from every real source's prompts (the control takes the last N of each source's seeded order)."""
+    build_pool = _module("build_pool")
+    a = build_pool.build(SHARED_DATA, tmp_path / "a", seed=0, per_source=3000, control=30, stand_ins=False)
+    b = build_pool.build(SHARED_DATA, tmp_path / "b", seed=0, per_source=3000, control=30, stand_ins=False)
+    assert a["sources"] == b["sources"] and a["control"] == {"source": "control-dot-responses", "per_authors_source": 30}
+    name = "control-dot-responses"
+    entry = a["sources"][name]
+    assert entry["control"] is True and entry["drawn_from"] == dict.fromkeys(build_pool.AUTHORS_SOURCES, 30)
+    assert entry["written"] == 150 - entry["dropped_prompt_in_another_source"] > 120
+    assert set(a["sources"]) == set(build_pool.AUTHORS_SOURCES) | {name}
+    control = read_records(tmp_path / "a" / "sources" / f"{name}.jsonl")
+    assert len(control) == entry["written"]
+    for r in control:
+        turns = r["items"]
+        assert [t["value"] for t in turns if t["from"] == "gpt"] == ["."] * sum(t["from"] == "gpt" for t in turns)
+        assert any(t["from"] == "human" and t["value"] != "." for t in turns)
+    control_keys = {prompt_key(r, "conversations") for r in control}
+    assert len(control_keys) == len(control)
+    held_out = set()
+    for f in ("val.jsonl", "test.jsonl"):
+        held_out |= {prompt_key(r, "conversations") for r in read_records(tmp_path / "a" / f)}
+    for f, field in (("gsm8k/test.jsonl", "question"), ("math/test.jsonl", "problem")):
+        held_out |= {prompt_key({"instruction": r[field], "input": ""}, "alpaca") for r in read_records(SHARED_DATA / f)}
+    assert not control_keys & held_out
+    for source in build_pool.AUTHORS_SOURCES:
+        s = a["sources"][source]
+        assert s["written"] == s["available"] - 30
+        keys = {prompt_key(r, "conversations") for r in read_records(tmp_path / "a" / "sources" / f"{source}.jsonl")}
+        assert not keys & control_keys
+    # Without --control the pool is as before: the control changes no other source's file order.
+    plain = build_pool.build(SHARED_DATA, tmp_path / "c", seed=0, per_source=20, stand_ins=False)
+    assert name not in plain["sources"] and plain["control"] is None
+    for source in build_pool.AUTHORS_SOURCES:
+        assert read_records(tmp_path / "c" / "sources" / f"{source}.jsonl") == \
+            read_records(tmp_path / "a" / "sources" / f"{source}.jsonl")[:20]
+
+
 def _fake_results(root: Path) -> None:
     for seed, (p_math, acc_l, acc_u) in enumerate([(0.6, 0.30, 0.20), (0.5, 0.40, 0.20)]):
         d = root / "offline" / f"reweight_seed{seed}"
@@ -252,4 +314,50 @@ def test_offline_pipeline_smoke(tmp_path):
         setattr(offline, name, fail)
     shutil.rmtree(out)
     offline.run([0], smoke=True, runs_root=tmp_path / "runs", results_root=results)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == first
+
+
+@pytest.mark.slow
+@needs_data
+def test_protocol_pipeline_smoke(tmp_path):
+    """experiments/llama3/protocol.py --smoke end to end: a control source in the pool, three reweighting seeds,
+    base and both arms for three fine-tuning seeds with per-example evaluation files whose aggregate is eval.json's
+    value, learned arm i drawn by reweight seed i's weights; table1 builds with verdicts; a second run after
+    removing the results recomputes nothing (every stage resumes from runs/)."""
+    protocol = _module("protocol")
+    results = tmp_path / "results" / "protocol"
+    out = protocol.run(smoke=True, runs_root=tmp_path / "runs", results_root=results)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["base", *(f"{m}_ft{i}" for m in ("learned", "uniform") for i in range(3)),
+                            *(f"reweight_seed{s}" for s in range(3))])
+    manifest = json.loads((tmp_path / "runs" / "pool" / "manifest.json").read_text())
+    assert manifest["sources"]["control-dot-responses"]["control"] is True
+    for i in range(3):
+        weights = json.loads((out / f"reweight_seed{i}" / "weights.json").read_text())
+        assert "control-dot-responses" in weights["weights"]
+        learned = json.loads((out / f"learned_ft{i}" / "resample.json").read_text())
+        uniform = json.loads((out / f"uniform_ft{i}" / "resample.json").read_text())
+        assert learned["weights"] == weights["weights"] and uniform["weights"] == "uniform"
+        assert learned["n"] == uniform["n"] == protocol.SMOKE["n"]
+    for arm in ("base", "learned_ft0", "uniform_ft2"):
+        tasks = json.loads((out / arm / "eval.json").read_text())["tasks"]
+        assert "mt_bench_reference_loglik" in tasks and "gsm8k_exact_match" in tasks
+        samples = read_records(out / arm / "eval_samples.jsonl")
+        rows = [r for r in samples if r["task"] == "llama3_test"]
+        nll = sum(r["nll"] for r in rows) / sum(r["n_tokens"] for r in rows)
+        assert nll == pytest.approx(tasks["llama3_test"]["nll_per_token"], rel=1e-9)
+    first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    table1 = _module("table1")
+    table1.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path), "--figures", str(tmp_path / "fig")])
+    assert (tmp_path / "fig" / "table1_weights.png").is_file()
+    text = (tmp_path / "table1.md").read_text()
+    assert "control-dot-responses" in text and any(v in text for v in ("inconclusive", "reproduced", "contradicted"))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a stage finished under runs/ was recomputed")
+
+    for name in ("run_reweight", "finetune", "evaluate_model", "resample"):
+        setattr(protocol, name, fail)
+    shutil.rmtree(out)
+    protocol.run(smoke=True, runs_root=tmp_path / "runs", results_root=results)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == first

@@ -1,6 +1,7 @@
 """Build the reweighting pool of the large-model experiment (method.md §6) from ../shared/data.
 
     python experiments/llama3/build_pool.py [--per-source 3000] [--seed 0] [--out data/llama3/pool]
+        [--control 600] [--no-stand-ins]
 
 Writes, into ``--out`` (atomically: a temporary folder renamed into place):
 
@@ -49,6 +50,9 @@ STAND_INS = {
     "codealpaca": "codealpaca/new_codealpaca.json",  # code instructions: a stand-in for Magicoder, not Magicoder
     "alpaca_zh": "alpaca_zh_hikariming",    # Chinese Alpaca, translated and proof-read (4 files)
 }
+CONTROL_NAME = "control-dot-responses"
+"""The control source of ``--control``: the word ``control`` marks it in its name and in the manifest."""
+CONTROL_RESPONSE = "."
 REASON_SUFFIX = "please reason step by step."
 """473 validation prompts end with this; their key is also taken without it, so the bare question matches."""
 
@@ -78,9 +82,15 @@ def _question_keys(path: Path, field: str) -> set[str]:
     return {prompt_key({"instruction": r[field], "input": "", "output": ""}, "alpaca") for r in read_records(path)}
 
 
-def _source_files(shared: Path) -> dict[str, list[Path]]:
+def _corrupt(record: dict) -> dict:
+    """The record with every assistant turn's text replaced by ``CONTROL_RESPONSE`` (conversations format)."""
+    items = [dict(turn, value=CONTROL_RESPONSE) if turn["from"] == "gpt" else dict(turn) for turn in record["items"]]
+    return {**record, "items": items}
+
+
+def _source_files(shared: Path, stand_ins: bool = True) -> dict[str, list[Path]]:
     files = {name: [shared / MATH_DIR / f"train_{name}.json"] for name in AUTHORS_SOURCES}
-    for name, rel in STAND_INS.items():
+    for name, rel in (STAND_INS.items() if stand_ins else ()):
         p = shared / rel
         files[name] = sorted(p.glob("*.json")) if p.is_dir() else [p]
     return files
@@ -91,11 +101,15 @@ def _write_jsonl(path: Path, records: list[dict]) -> str:
     return _sha256(path)
 
 
-def build(shared_data: str | Path, out: str | Path, seed: int = 0, per_source: int = 3000) -> dict:
-    """Write the pool into ``out`` (replacing it atomically) and return the manifest."""
+def build(shared_data: str | Path, out: str | Path, seed: int = 0, per_source: int = 3000, control: int = 0,
+          stand_ins: bool = True) -> dict:
+    """Write the pool into ``out`` (replacing it atomically) and return the manifest. ``control``: records taken
+    from each authors' source into the control source (0: no control source)."""
     shared, out = Path(shared_data).resolve(), Path(out)
     if per_source < 1:
         raise ValueError(f"per_source: must be positive, got {per_source}")
+    if control < 0:
+        raise ValueError(f"control: must be 0 or positive, got {control}")
     inputs: dict[str, str] = {}
 
     def read(path: Path) -> list[dict]:
@@ -118,7 +132,10 @@ def build(shared_data: str | Path, out: str | Path, seed: int = 0, per_source: i
     try:
         (tmp / "sources").mkdir()
         manifest_sources = {}
-        for name, files in _source_files(shared).items():
+        control_records: list[tuple[str, dict]] = []  # (prompt key, corrupted record)
+        control_from: dict[str, int] = {}
+        written_keys: set[str] = set()
+        for name, files in _source_files(shared, stand_ins).items():
             records = [r for f in files for r in read(f)]
             fmt = detect_format(records[0], f"{files[0]}: record 0")
             if fmt == "alpaca":
@@ -135,7 +152,15 @@ def build(shared_data: str | Path, out: str | Path, seed: int = 0, per_source: i
             # One generator per source, seeded by (seed, name): adding a source changes no other file.
             order = list(range(len(kept)))
             random.Random(f"{seed}:{name}").shuffle(order)
+            if control and name in AUTHORS_SOURCES:
+                if len(order) <= control:
+                    raise ValueError(f"{files[0]}: {len(order)} records left after decontamination, not more than "
+                                     f"--control {control}")
+                control_records += [(prompt_key(kept[i], fmt), _corrupt(kept[i])) for i in order[-control:]]
+                control_from[name] = control
+                order = order[:-control]
             chosen = [kept[i] for i in order[:per_source]]
+            written_keys |= {prompt_key(r, fmt) for r in chosen}
             digest = _write_jsonl(tmp / "sources" / f"{name}.jsonl", chosen)
             manifest_sources[name] = {
                 "inputs": [str(f.relative_to(shared)) for f in files], "format": fmt, "records_in": len(records),
@@ -144,10 +169,32 @@ def build(shared_data: str | Path, out: str | Path, seed: int = 0, per_source: i
             }
             log.info("%s: %d records, %d dropped as held-out prompts, %d written", name, len(records),
                      len(records) - len(kept), len(chosen))
+        if control:
+            # A prompt some source holds twice (or another source holds too) must not reach the control with a
+            # real answer beside it: such records are dropped from the control.
+            candidates = len(control_records)
+            seen: set[str] = set()
+            unique = []
+            for key, record in control_records:
+                if key not in written_keys and key not in seen:
+                    seen.add(key)
+                    unique.append(record)
+            random.Random(f"{seed}:{CONTROL_NAME}").shuffle(unique)
+            chosen = unique[:per_source]
+            manifest_sources[CONTROL_NAME] = {
+                "control": True, "corruption": f"every response replaced by {CONTROL_RESPONSE!r}",
+                "drawn_from": control_from, "format": "conversations", "records_in": candidates,
+                "decontaminated": "as its sources (drawn after their decontamination)",
+                "dropped_prompt_in_another_source": candidates - len(unique), "decontaminated_total": 0,
+                "available": len(unique), "written": len(chosen),
+                "sha256": _write_jsonl(tmp / "sources" / f"{CONTROL_NAME}.jsonl", chosen),
+            }
+            log.info("%s: %d records (responses replaced by %r)", CONTROL_NAME, len(chosen), CONTROL_RESPONSE)
         manifest = {
             "format": "scalebio.llama3_pool/1",
             "seed": seed,
             "per_source": per_source,
+            "control": {"source": CONTROL_NAME, "per_authors_source": control} if control else None,
             "sources": manifest_sources,
             "missing_sources": {n: f"pxyyy/{n}" for n in MISSING_SOURCES},
             "val": {"input": f"{MATH_DIR}/val.json", "records": len(val), "sha256": _write_jsonl(tmp / "val.jsonl", val)},
@@ -179,12 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "data" / "llama3" / "pool"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-source", type=int, default=3000)
+    parser.add_argument("--control", type=int, default=0, metavar="N",
+                        help=f"add {CONTROL_NAME}: N records of each authors' source with responses replaced by '.'")
+    parser.add_argument("--no-stand-ins", dest="stand_ins", action="store_false",
+                        help="only the authors' sources (and the control): no Alpaca / Code Alpaca / Chinese Alpaca")
     args = parser.parse_args(argv)
     # Relative paths start at the repo root, wherever the command runs from.
     shared, out = (p if Path(p).is_absolute() else REPO / p for p in (args.shared_data, args.out))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    manifest = build(shared, out, args.seed, args.per_source)
+    manifest = build(shared, out, args.seed, args.per_source, args.control, args.stand_ins)
     log.info("wrote %s: %s", out, {n: s["written"] for n, s in manifest["sources"].items()})
     return 0
 

@@ -42,8 +42,11 @@ log = logging.getLogger(__name__)
 
 
 def config_digest(cfg: RunConfig) -> str:
+    """What identifies a run's computation: the resolved config without ``resume`` and ``run_dir`` (a run folder
+    that is moved, or named relative to another working directory, is the same run)."""
     payload = to_dict(cfg)
     payload.pop("resume", None)
+    payload.pop("run_dir", None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

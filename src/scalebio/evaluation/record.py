@@ -1,5 +1,16 @@
-"""The compact ``eval.json`` record (``{tasks: {task: {metric: value}}, model, limit, lm_eval_version, n_samples}``)
-and lm-eval's full results beside it."""
+"""The compact ``eval.json`` record (``{tasks: {task: {metric: value}}, model, limit, lm_eval_version, n_samples}``),
+lm-eval's full results beside it, and the per-document ``eval_samples.jsonl``.
+
+``eval_samples.jsonl``: one line per (task, document), sorted by task then doc_id, the values lm-eval aggregated:
+
+* log-likelihood tasks: ``{"task", "doc_id", "nll", "n_tokens", "n_bytes"}`` with ``nll`` = -log p(target | context)
+  in nats and the token / byte counts the task divides by (a count the task does not define is left out), so
+  Σ nll / Σ n_tokens over a task's lines is its ``nll_per_token`` in eval.json;
+* exact-match tasks: ``{"task", "doc_id", "filter", "exact_match": 0 | 1}``; the mean over a task's lines is
+  eval.json's ``exact_match,<filter>``.
+
+Documents of other tasks (e.g. multiple-choice ``acc``) are not written.
+"""
 
 from __future__ import annotations
 
@@ -54,6 +65,51 @@ def write_record(results: dict, out: Path, model_name: str, limit: int | None, l
     for task, row in compact["tasks"].items():
         log.info("%s: %s", task, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
     return compact
+
+
+def _loglik_line(task: str, sample: dict) -> dict | None:
+    """The per-document line of a log-likelihood task, from the (loglik, count) items its metrics carry."""
+    by_tokens, by_bytes = sample.get("nll_per_token"), sample.get("bits_per_byte")
+    pairs = [item for item in (by_tokens, by_bytes) if isinstance(item, (tuple, list)) and len(item) == 2]
+    if not pairs:
+        return None
+    line = {"task": task, "doc_id": int(sample["doc_id"]), "nll": -float(pairs[0][0])}
+    if by_tokens is not None:
+        line["n_tokens"] = int(by_tokens[1])
+    if by_bytes is not None:
+        line["n_bytes"] = int(by_bytes[1])
+    return line
+
+
+def compact_samples(samples: dict[str, list[dict]]) -> list[dict]:
+    """``eval_samples.jsonl`` lines (module docstring) from ``simple_evaluate(log_samples=True)["samples"]``."""
+    lines = []
+    for task, task_samples in samples.items():
+        for sample in task_samples:
+            if "exact_match" in sample:
+                value = float(sample["exact_match"])
+                if value not in (0.0, 1.0):
+                    raise ValueError(f"{task} doc {sample['doc_id']}: exact_match {value} is not 0 or 1")
+                lines.append({"task": task, "doc_id": int(sample["doc_id"]), "filter": sample["filter"],
+                              "exact_match": int(value)})
+            elif (line := _loglik_line(task, sample)) is not None:
+                lines.append(line)
+    lines.sort(key=lambda r: (r["task"], r.get("filter", ""), r["doc_id"]))
+    return lines
+
+
+def write_samples(samples: dict[str, list[dict]], out: Path) -> list[dict]:
+    """Write ``out`` (``eval_samples.jsonl``) from lm-eval's logged samples; returns its lines."""
+    lines = compact_samples(samples)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out, "".join(json.dumps(line) + "\n" for line in lines))
+    return lines
+
+
+def read_samples(path: Path) -> list[dict]:
+    """The lines of an ``eval_samples.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import _make_lm
-from .record import write_record
+from .record import write_record, write_samples
 from .task_yaml import _yaml_task_name
 
 
@@ -38,7 +38,7 @@ def _task_manager(tasks: list[dict | str | Path]):
 
 def evaluate(model_dir_or_model, tokenizer, tasks: list[dict | str | Path], out: Path, limit: int | None = None,
              batch_size: int = 8, device: str = "cpu", bootstrap_iters: int = 1000,
-             max_length: int | None = None) -> dict:
+             max_length: int | None = None, samples_out: Path | None = None) -> dict:
     """Run ``lm_eval.simple_evaluate`` and write ``out`` (compact eval.json) and ``out.with_suffix(".full.json")``
     (lm-eval's results without per-sample logs). Returns the compact dict.
 
@@ -48,6 +48,8 @@ def evaluate(model_dir_or_model, tokenizer, tasks: list[dict | str | Path], out:
     most this many documents per task. ``bootstrap_iters`` only matters for built-in metrics lm-eval
     bootstraps; the weighted metrics of our tasks have no stderr. ``max_length``: the model's context window for
     scoring (lm-eval's HFLM ``max_length``; default the model's own), e.g. the length a small model was trained at.
+    ``samples_out``: also write the per-document values there (``eval_samples.jsonl``, format in
+    ``scalebio.evaluation.record``), from lm-eval's ``log_samples``; eval.json is the same either way.
     """
     import lm_eval
 
@@ -56,7 +58,10 @@ def evaluate(model_dir_or_model, tokenizer, tasks: list[dict | str | Path], out:
     lm, model_name = _make_lm(model_dir_or_model, tokenizer, batch_size, device, max_length)
     manager, specs = _task_manager(list(tasks))
     results = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit,
-                                      log_samples=False, bootstrap_iters=bootstrap_iters)
+                                      log_samples=samples_out is not None, bootstrap_iters=bootstrap_iters)
     if results is None:  # not rank 0
         return {}
+    samples = results.pop("samples", None)
+    if samples_out is not None:
+        write_samples(samples, Path(samples_out))
     return write_record(results, Path(out), model_name, limit, lm_eval.__version__)

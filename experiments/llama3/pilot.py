@@ -1,0 +1,106 @@
+"""The pilot of Table 1's protocol: the first steps of two reweighting seeds of protocol_smollm2.yaml, summarised.
+
+    python experiments/llama3/pilot.py run [--steps 30] [--seeds 0 1]    # reweight each seed for --steps steps
+    python experiments/llama3/pilot.py summarise [--steps 30] [--seeds 0 1]
+
+``run`` stops each seed's run after ``--steps`` steps (``scalebio reweight --stop-after``) in the folder the
+protocol itself uses (runs/llama3/protocol/reweight_seed<s>), so the pilot is the first steps of the real runs
+and ``make reproduce-llama3-offline`` continues them from their checkpoints. ``summarise`` writes
+results/llama3/protocol/pilot/: each seed's trajectory and metrics up to ``--steps``, and summary.json with the
+Spearman correlation of the two seeds' weights at every checkpointed step, the control source's weight against
+1/k, and the measured seconds per step. What the pilot decided is in experiments/llama3/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO / "src"))
+
+log = logging.getLogger("llama3.pilot")
+
+RUNS = REPO / "runs" / "llama3" / "protocol"
+OUT = REPO / "results" / "llama3" / "protocol" / "pilot"
+CONTROL = "control-dot-responses"
+
+
+def run(seeds: list[int], steps: int) -> None:
+    from scalebio.config import load_config
+    from scalebio.reweight import run_reweight
+
+    for seed in seeds:
+        cfg = load_config(HERE / "protocol_smollm2.yaml", [f"seed={seed}", f"run_dir={RUNS / f'reweight_seed{seed}'}",
+                                                           f"data.root={REPO / 'data' / 'llama3' / 'protocol_pool'}"])
+        run_reweight(cfg, stop_after=steps, progress=sys.stderr.isatty())
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarise(seeds: list[int], steps: int, runs: Path = RUNS, out: Path = OUT) -> dict:
+    from scipy.stats import spearmanr
+
+    trajectories, per_seed = {}, {}
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        run_dir = runs / f"reweight_seed{seed}"
+        traj = [r for r in _read_jsonl(run_dir / "weights.jsonl") if r["step"] <= steps]
+        metrics = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if r["step"] < steps]
+        if len(metrics) < steps:
+            raise SystemExit(f"{run_dir}: {len(metrics)} steps logged, fewer than --steps {steps}")
+        trajectories[seed] = {r["step"]: r["weights"] for r in traj}
+        for name, rows in (("weights.jsonl", traj), ("metrics.jsonl", metrics)):
+            (out / f"seed{seed}_{name}").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        meta = json.loads((run_dir / "meta.json").read_text())
+        final = trajectories[seed][max(trajectories[seed])]
+        k = len(final)
+        per_seed[str(seed)] = {
+            "final_step": max(trajectories[seed]),
+            "weights": final,
+            "control_weight": final[CONTROL],
+            "control_below_uniform": final[CONTROL] < 1 / k,
+            "wall_time_s": meta.get("wall_time_s"),
+            "seconds_per_step": meta["wall_time_s"] / steps if meta.get("wall_time_s") else None,
+        }
+    common = sorted(set.intersection(*(set(t) for t in trajectories.values())))
+    agreement = {}
+    for a, b in itertools.combinations(seeds, 2):
+        rows = []
+        for step in common[1:]:  # step 0 is uniform for every seed: no ranking
+            names = sorted(trajectories[a][step])
+            rho = spearmanr([trajectories[a][step][n] for n in names], [trajectories[b][step][n] for n in names]).statistic
+            rows.append({"step": step, "spearman": round(float(rho), 6)})
+        agreement[f"{a}-{b}"] = rows
+    summary = {"steps": steps, "seeds": seeds, "k": k, "uniform": 1 / k, "per_seed": per_seed,
+               "spearman_between_seeds": agreement,
+               "config": "experiments/llama3/protocol_smollm2.yaml (the first steps of the real runs)"}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("run", "summarise"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.action == "run":
+        run(args.seeds, args.steps)
+    summary = summarise(args.seeds, args.steps)
+    for seed, s in summary["per_seed"].items():
+        log.info("seed %s: control %.4f (1/k %.4f), %.0f s/step", seed, s["control_weight"], summary["uniform"],
+                 s["seconds_per_step"] or float("nan"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
