@@ -352,6 +352,9 @@ def test_protocol_pipeline_smoke(tmp_path):
     assert (tmp_path / "fig" / "table1_weights.png").is_file()
     text = (tmp_path / "table1.md").read_text()
     assert "control-dot-responses" in text and any(v in text for v in ("inconclusive", "reproduced", "contradicted"))
+    claims = {c.key: c for c in protocol.claims(out)}
+    assert {f"control_below_uniform/seed{s}" for s in range(3)} <= set(claims)
+    assert "learned_vs_uniform/mt_bench_reference_loglik" in claims and "spearman/seed 0 vs seed 1" in claims
 
     def fail(*args, **kwargs):
         raise AssertionError("a stage finished under runs/ was recomputed")

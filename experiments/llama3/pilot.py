@@ -3,9 +3,10 @@
     python experiments/llama3/pilot.py run [--steps 30] [--seeds 0 1]    # reweight each seed for --steps steps
     python experiments/llama3/pilot.py summarise [--steps 30] [--seeds 0 1]
 
-``run`` stops each seed's run after ``--steps`` steps (``scalebio reweight --stop-after``) in the folder the
-protocol itself uses (runs/llama3/protocol/reweight_seed<s>), so the pilot is the first steps of the real runs
-and ``make reproduce-llama3-offline`` continues them from their checkpoints. ``summarise`` writes
+``run`` starts one ``scalebio reweight protocol_smollm2.yaml seed=<s> threads=1 --stop-after <steps>`` per seed, all
+at once (one thread each: on 2 shared cores two one-thread streams beat one two-thread stream), in
+runs/llama3/protocol_pilot/seed<s>: the first steps of the protocol's runs, on the same learning-rate schedule
+(150 steps). ``summarise`` writes
 results/llama3/protocol/pilot/: each seed's trajectory and metrics up to ``--steps``, and summary.json with the
 Spearman correlation of the two seeds' weights at every checkpointed step, the control source's weight against
 1/k, and the measured seconds per step. What the pilot decided is in experiments/llama3/README.md.
@@ -26,19 +27,25 @@ sys.path.insert(0, str(REPO / "src"))
 
 log = logging.getLogger("llama3.pilot")
 
-RUNS = REPO / "runs" / "llama3" / "protocol"
+RUNS = REPO / "runs" / "llama3" / "protocol_pilot"
 OUT = REPO / "results" / "llama3" / "protocol" / "pilot"
 CONTROL = "control-dot-responses"
 
 
 def run(seeds: list[int], steps: int) -> None:
-    from scalebio.config import load_config
-    from scalebio.reweight import run_reweight
+    import subprocess
 
+    procs = []
     for seed in seeds:
-        cfg = load_config(HERE / "protocol_smollm2.yaml", [f"seed={seed}", f"run_dir={RUNS / f'reweight_seed{seed}'}",
-                                                           f"data.root={REPO / 'data' / 'llama3' / 'protocol_pool'}"])
-        run_reweight(cfg, stop_after=steps, progress=sys.stderr.isatty())
+        run_dir = RUNS / f"seed{seed}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [str(Path(sys.executable).with_name("scalebio")), "reweight", str(HERE / "protocol_smollm2.yaml"),
+               f"seed={seed}", f"run_dir={run_dir}", f"data.root={REPO / 'data' / 'llama3' / 'protocol_pool'}",
+               "threads=1", "--stop-after", str(steps), "--no-progress"]
+        log.info("%s (log: %s)", " ".join(cmd), run_dir.with_suffix(".log"))
+        procs.append(subprocess.Popen(cmd, stdout=open(run_dir.with_suffix(".log"), "w"), stderr=subprocess.STDOUT))
+    if any(p.wait() for p in procs):
+        raise SystemExit("a pilot run failed: see runs/llama3/protocol_pilot/seed*.log")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -51,7 +58,7 @@ def summarise(seeds: list[int], steps: int, runs: Path = RUNS, out: Path = OUT) 
     trajectories, per_seed = {}, {}
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
-        run_dir = runs / f"reweight_seed{seed}"
+        run_dir = runs / f"seed{seed}"
         traj = [r for r in _read_jsonl(run_dir / "weights.jsonl") if r["step"] <= steps]
         metrics = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if r["step"] < steps]
         if len(metrics) < steps:

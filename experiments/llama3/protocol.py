@@ -28,6 +28,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from scalebio.config import load_config  # noqa: E402
 from scalebio.finetune import FinetuneConfig, finetune  # noqa: E402
 from scalebio.resample import pool_from_run, resample  # noqa: E402
 from scalebio.results import copy_retrain_results, copy_run_results, relativize  # noqa: E402
-from scalebio.reproduce import arm_finished, reweight_finished  # noqa: E402
+from scalebio.reproduce import Claim, arm_finished, reproduce_report, reweight_finished  # noqa: E402
 from scalebio.reweight import run_reweight  # noqa: E402
 
 log = logging.getLogger("llama3.protocol")
@@ -206,6 +207,39 @@ def run(smoke: bool = False, runs_root: Path | None = None, results_root: Path |
     return results_root
 
 
+REPORT = "reproduce_report.md"
+
+
+def claims(folder: Path) -> list[Claim]:
+    """The claims of README.md's Table 1 rows, measured on one results/llama3/protocol folder: per task, the paired
+    difference learned − uniform with its 95% bootstrap interval (holds when the verdict is "reproduced"); per
+    reweighting seed, the control source below 1/k; the seed-to-seed Spearman correlations (measured)."""
+    from table1 import collect_protocol
+
+    rows = collect_protocol(folder)
+    out = []
+    for r in rows["differences"]:
+        out.append(Claim(f"learned_vs_uniform/{r['item']}", r["item"],
+                         f"learned − uniform ({r['metric']}, {'lower' if r['lower_is_better'] else 'higher'} is better), "
+                         "95% paired bootstrap interval", f"{r['mean']:+.4f} [{r['ci_lo']:+.4f}, {r['ci_hi']:+.4f}] "
+                         f"over {r['n']} seed pairs: {r['verdict']}", r["verdict"] == "reproduced"))
+    for r in rows["control"]:
+        out.append(Claim(f"control_below_uniform/seed{r['seeds']}", "reweighting", f"{r['item']} ends below 1/k",
+                         f"{r['mean']:.4f} vs 1/k = {1 / r['n']:.4f}", r["verdict"] == "below 1/k"))
+    for r in rows["spearman"]:
+        out.append(Claim(f"spearman/{r['item']}", "reweighting", f"Spearman of final weights, {r['item']}",
+                         f"{r['mean']:+.3f}", None))
+    return out
+
+
+def reproduce(results_root: Path, repo: Path = REPO) -> str:
+    """Committed (git HEAD) vs recomputed claims of ``results_root`` → ``results_root``/reproduce_report.md."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return reproduce_report("Table 1 protocol: committed vs recomputed (`make reproduce-llama3-offline`)", repo,
+                                results_root.resolve().relative_to(repo.resolve()).as_posix(), claims,
+                                results_root / REPORT, scratch)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a tiny random Llama on a few dozen examples")
@@ -216,10 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=None, help="results folder (default results/llama3/protocol)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    run(args.smoke, Path(args.runs) if args.runs else None, Path(args.results) if args.results else None,
-        tuple(args.stages), args.reweight_seeds, args.finetune_seeds)
+    out = run(args.smoke, Path(args.runs) if args.runs else None, Path(args.results) if args.results else None,
+              tuple(args.stages), args.reweight_seeds, args.finetune_seeds)
     if not args.smoke and not args.results:
         subprocess.run([sys.executable, str(HERE / "table1.py")], check=True, cwd=REPO)
+        print(reproduce(out), end="")
     return 0
 
 
