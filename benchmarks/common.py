@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from scalebio import precision
 from scalebio.config import SolverConfig
 from scalebio.lisa import Lisa, find_blocks
 from scalebio.solver import CausalLMObjective, ScaleBiO
@@ -105,10 +106,12 @@ SOLVER_CFG = dict(lr_u=1e-5, lr_w=1e-5, lr_lambda=1e-2, alpha=100.0)
 
 
 class SFT:
-    """Plain full-parameter SFT of one copy: AdamW, loss = mean per-example response-token loss."""
+    """Plain full-parameter SFT of one copy: AdamW, loss = mean per-example response-token loss. The forward
+    runs under ``compute_dtype``'s autocast, as the solver's does (fp32: no autocast)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype = torch.float32, device: str = "cpu"):
         self.model, self.objective = model, CausalLMObjective()
+        self.compute_dtype, self.device = compute_dtype, torch.device(device)
         cfg = SolverConfig(**SOLVER_CFG)
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr_w, weight_decay=cfg.weight_decay_w,
                                      betas=tuple(cfg.betas), eps=cfg.eps)
@@ -117,7 +120,9 @@ class SFT:
         self.opt.zero_grad(set_to_none=True)
         n = sum(mb["input_ids"].shape[0] for mb in train)
         for mb in train:
-            (self.objective.per_example_loss(self.model, mb).sum() / n).backward()
+            with precision.autocast(self.compute_dtype, self.device):
+                loss = self.objective.per_example_loss(self.model, mb).sum() / n
+            loss.backward()
         self.opt.step()
 
     def models(self) -> list[nn.Module]:
@@ -156,6 +161,8 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "cpu_bf16_flags": list(precision.cpu_bf16_flags()),
+        "precision_auto_on_cpu": "bf16" if precision.resolve("auto", torch.device("cpu")) == torch.bfloat16 else "fp32",
     }
     try:
         import transformers
@@ -212,6 +219,12 @@ def summarize(times: dict[str, list[float]], baseline: str | None) -> dict:
             out[name]["median_ratio"] = statistics.median(ratios)
             out[name]["ratio_of_medians"] = statistics.median(ts) / statistics.median(base)
     return out
+
+
+def spread(values: list[float]) -> dict:
+    """median, quartiles and range of ``values``."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
 
 
 # -- memory ------------------------------------------------------------------------------------------------------

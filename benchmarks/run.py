@@ -1,8 +1,9 @@
 """Run the ScaleBiO benchmarks and write results/bench/*.json, then the figures.
 
-    python -m benchmarks.run --out results/bench --figures figures           # full (~10 min on 2 shared cores)
+    python -m benchmarks.run --out results/bench --figures figures           # full (~30 min on 2 shared cores)
     python -m benchmarks.run --out /tmp/bench --figures /tmp/fig --smoke     # toy sizes, seconds
     python -m benchmarks.run --out results/bench --only memory               # one experiment
+    python -m benchmarks.run --out results/bench --only precision profile --device cuda   # gpu_*.json (gpu_check.sh)
 
 Every JSON holds machine info, the torch version, the settings, every timed repetition and the medians.
 """
@@ -19,32 +20,51 @@ import torch
 
 from scalebio.results import write_json
 
-from . import hypergradient, memory, sources, step_cost
+from . import hypergradient, memory, precision, sources, step_cost, step_profile
 from .common import BLOCKS, ModelSpec, machine_info
 
 log = logging.getLogger("benchmarks")
 SCHEMA = "scalebio.bench/1"
-EXPERIMENTS = ("step_cost", "memory", "sources", "hypergradient")
+EXPERIMENTS = ("step_cost", "memory", "sources", "hypergradient", "precision", "profile")
+ON_CUDA = ("precision", "profile")
 
 FULL = {
     "step_cost": dict(widths=[64, 128, 256], headline=128, batch=8, seq_len=64, k=4, warmup=1, reps=5,
                       blocks=BLOCKS),
     "memory": dict(width=128, batch=8, seq_len=64, k=4, steps=6, blocks=BLOCKS),
-    "sources": dict(arch="llama", width=32, blocks=32, batch=64, micro=16, seq_len=16, ks=[2, 64], warmup=1, reps=9),
+    "sources": dict(arch="llama", width=32, blocks=8, batch=64, micro=16, seq_len=16, ks=[2, 64], warmup=2, reps=41,
+                    work_reps=400),
     "hypergradient": dict(width=64, blocks=32, seq_len=32, batch=8, k=4, cg_iters=5, warmup=1, reps=5,
                           convex_steps=1500, alpha=100.0),
+    # SmolLM2 at 8×128 on the 2 shared cores: one round of the full-shape variants takes ~2 min with 1 thread
+    # and ~4.5 min with 2 (the other job's threads contend), so 2 threads get one repetition.
+    "precision": dict(model="smollm2", batch=8, seq_len=128, k=8, gamma=4, threads=[1, 2], reps=[3, 1],
+                      reduced_shape=[1, 32], reduced_reps=[2, 1], warmup_shape=[1, 8],
+                      peak_shapes=[[1024, 576, 1536], [32, 576, 1536]], peak_reps=3, reweight_config="experiments/llama3/offline_smollm2.yaml", reweight_steps=30),
+    "profile": dict(model="smollm2", batch=8, seq_len=128, k=8, gamma=4, threads=1, warmup_shape=[1, 8]),
+}
+# On a CUDA device (gpu_check.sh): full shapes, more repetitions, a large square matmul for the peak too.
+CUDA = {
+    "precision": {**FULL["precision"], "threads": [1], "reps": [10], "reduced_reps": [1], "warmup_shape": [8, 128],
+                  "peak_shapes": [[1024, 576, 1536], [8192, 8192, 8192]], "peak_reps": 5},
+    "profile": {**FULL["profile"], "warmup_shape": [8, 128]},
 }
 SMOKE = {
     "step_cost": dict(widths=[16, 32], headline=16, batch=2, seq_len=8, k=2, warmup=1, reps=2,
                       blocks={"llama": 4, "gpt2": 3}),
     "memory": dict(width=16, batch=2, seq_len=8, k=2, steps=3, blocks={"llama": 4, "gpt2": 3}),
-    "sources": dict(arch="llama", width=16, blocks=4, batch=64, micro=32, seq_len=4, ks=[2, 64], warmup=1, reps=2),
+    "sources": dict(arch="llama", width=16, blocks=4, batch=64, micro=32, seq_len=4, ks=[2, 64], warmup=1, reps=3,
+                    work_reps=5),
     "hypergradient": dict(width=16, blocks=2, seq_len=8, batch=2, k=2, cg_iters=3, warmup=1, reps=2,
                           convex_steps=100, alpha=100.0),
+    "precision": dict(model="tiny_llama", batch=2, seq_len=16, k=2, gamma=2, threads=[1, 2], reps=[2, 1],
+                      reduced_shape=[1, 8], reduced_reps=[1, 1], warmup_shape=[1, 4], peak_shapes=[[64, 32, 96]],
+                      peak_reps=2, reweight_config=None, reweight_steps=3),
+    "profile": dict(model="tiny_llama", batch=2, seq_len=16, k=2, gamma=2, threads=1, warmup_shape=[1, 4]),
 }
 
 
-def run_experiment(name: str, s: dict) -> dict:
+def run_experiment(name: str, s: dict, device: str = "cpu") -> dict:
     if name == "step_cost":
         return {arch: step_cost.run(arch, s["widths"], s["headline"], s["blocks"][arch], s["batch"], s["seq_len"],
                                     s["k"], s["warmup"], s["reps"]) for arch in ("llama", "gpt2")}
@@ -53,12 +73,21 @@ def run_experiment(name: str, s: dict) -> dict:
                 for arch in ("llama", "gpt2")}
     if name == "sources":
         return sources.run(s["arch"], s["width"], s["blocks"], s["batch"], s["micro"], s["seq_len"], s["ks"],
-                           s["warmup"], s["reps"])
+                           s["warmup"], s["reps"], s["work_reps"])
     if name == "hypergradient":
         spec = ModelSpec("llama", s["width"], s["blocks"], s["seq_len"], attn="eager")
         return hypergradient.run(spec, s["batch"], s["k"], s["cg_iters"], s["warmup"], s["reps"],
                                  s["convex_steps"], s["alpha"])
+    if name == "precision":
+        return precision.run(**s, device=device)
+    if name == "profile":
+        return step_profile.run(**s, device=device)
     raise ValueError(name)
+
+
+def output_path(out: Path, name: str, device: str) -> Path:
+    """results/bench/<name>.json, or gpu_<name>.json for a run on a CUDA device."""
+    return out / (f"gpu_{name}.json" if device.startswith("cuda") else f"{name}.json")
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -67,10 +96,19 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--figures", default="figures", help="folder for bench_*.png ('' to skip figures)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes: checks the pipeline, numbers meaningless")
     parser.add_argument("--only", nargs="*", choices=EXPERIMENTS, default=list(EXPERIMENTS))
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the precision and profile experiments "
+                        "(writes gpu_<name>.json)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on 2 cores shared with other work, 2 threads measured "
                              "3-10x slower and far noisier; see benchmarks/README.md)")
     args = parser.parse_args(argv)
+    if args.device != "cpu":
+        if not args.device.startswith("cuda"):
+            parser.error(f"--device {args.device}: expected cpu or cuda")
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: torch.cuda.is_available() is False")
+        if set(args.only) - set(ON_CUDA):
+            parser.error(f"--device {args.device}: only {' and '.join(ON_CUDA)} run on a CUDA device; pass --only")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     # Module-level objects of torch/transformers never die: move them out of the collector's way, so the
@@ -79,12 +117,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
         ModelSpec(arch, 8, 2, 8).build(0)
     gc.collect()
     gc.freeze()
-    settings = SMOKE if args.smoke else FULL
+    settings = SMOKE if args.smoke else (CUDA if args.device != "cpu" else FULL)
     out = Path(args.out)
     written = []
     for name in args.only:
         start = time.perf_counter()
-        results = run_experiment(name, settings[name])
+        results = run_experiment(name, settings[name], args.device)
         record = {
             "schema": SCHEMA,
             "benchmark": name,
@@ -92,15 +130,16 @@ def main(argv: list[str] | None = None) -> list[Path]:
             "machine": machine_info(),
             "torch": torch.__version__,
             "threads": args.threads,
+            "device": args.device,
             "settings": settings[name],
             "results": results,
             "wall_seconds": time.perf_counter() - start,
         }
-        path = out / f"{name}.json"
+        path = output_path(out, name, args.device)
         write_json(path, record)
         written.append(path)
         log.info("%s: %.1f s -> %s", name, record["wall_seconds"], path)
-    if args.figures:
+    if args.figures and args.device == "cpu":
         from . import figures
 
         figures.main(["--results", str(out), "--out", args.figures])

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ("step_cost", "memory", "sources", "hypergradient")
+EXPERIMENTS = ("step_cost", "memory", "sources", "hypergradient", "precision", "profile")
+FIGURES = ("step_cost", "memory", "sources", "hypergradient")  # precision and profile are tables only
 
 
 def _timing(entry, reps):
@@ -79,6 +80,11 @@ def test_sources_and_hypergradient_schema(smoke):
     src = json.loads((smoke / "results" / "sources.json").read_text())
     assert set(src["results"]["variants"]) == {"k=2", "k=64"}
     assert isinstance(src["results"]["within_5_percent"], bool)
+    ratio = src["results"]["ratio"]
+    assert ratio["min"] <= ratio["q1"] <= ratio["median"] <= ratio["q3"] <= ratio["max"]
+    assert ratio["median"] == pytest.approx(src["results"]["relative_difference"] + 1)
+    work = src["results"]["k_dependent_work_ratio"]
+    assert work["min"] <= work["median"] <= work["max"] and src["results"]["ratio_from_k_dependent_work"] > 0
     hyp = json.loads((smoke / "results" / "hypergradient.json").read_text())["results"]
     assert math.isclose(sum(hyp["convex"]["p_star"]), 1.0, abs_tol=1e-9)
     for method in ("scalebio", "implicit_cg"):
@@ -93,6 +99,6 @@ def test_figures_rebuild_from_json_alone(smoke, tmp_path):
     from benchmarks import figures
 
     written = figures.main(["--results", str(smoke / "results"), "--out", str(tmp_path)])
-    assert sorted(p.name for p in written) == sorted(f"bench_{n}.png" for n in EXPERIMENTS)
+    assert sorted(p.name for p in written) == sorted(f"bench_{n}.png" for n in FIGURES)
     assert all(p.stat().st_size > 0 for p in written)
     assert all((smoke / "figures" / p.name).is_file() for p in written)

@@ -178,3 +178,18 @@ def test_cli_reweight_and_help(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "solver.alpha" in out and "lisa.interval" in out and "--stop-after" in out
     assert main(["reweight", str(tmp_path / "nope.yaml")]) == 1
+
+
+def test_config_digest_ignores_where_the_run_and_config_are_named(tmp_path, monkeypatch):
+    """The same computation named from another working directory (relative vs absolute config path, another
+    run_dir) has the same digest, so a resume is not refused; a changed setting has another."""
+    from scalebio.config import load_config
+    from scalebio.reweight import config_digest
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    rel = load_config("experiments/llama3/protocol_smollm2.yaml", ["run_dir=runs/a"])
+    absolute = load_config(str(repo / "experiments/llama3/protocol_smollm2.yaml"), [f"run_dir={tmp_path / 'b'}"])
+    assert config_digest(rel) == config_digest(absolute)
+    other = load_config("experiments/llama3/protocol_smollm2.yaml", ["solver.lr_lambda=0.1"])
+    assert config_digest(other) != config_digest(rel)

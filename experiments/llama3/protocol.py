@@ -109,13 +109,16 @@ def _copy_eval(work: Path, out: Path) -> None:
 
 def run(smoke: bool = False, runs_root: Path | None = None, results_root: Path | None = None,
         stages: tuple[str, ...] = STAGES, reweight_seeds: list[int] | None = None,
-        finetune_seeds: list[int] | None = None) -> Path:
+        finetune_seeds: list[int] | None = None, threads: int | None = None) -> Path:
     """Run ``stages`` in order (each skips what this checkout already finished under ``runs_root``) and copy
     each finished stage's small files into ``results_root``."""
     runs_root = runs_root or REPO / "runs" / "llama3" / ("protocol_smoke" if smoke else "protocol")
     results_root = results_root or (runs_root / "results" if smoke else REPO / "results" / "llama3" / "protocol")
     pool = (runs_root / "pool") if smoke else REPO / "data" / "llama3" / "protocol_pool"
     extra = SMOKE if smoke else {"pool_args": POOL_ARGS, "reweight": [], "finetune": [], "n": N, "eval": EVAL}
+    if threads is not None:  # torch threads of every stage (part of the reweighting config, so of its digest)
+        extra = {**extra, "reweight": [*extra["reweight"], f"threads={threads}"],
+                 "finetune": [*extra["finetune"], f"threads={threads}"]}
     rw_seeds = REWEIGHT_SEEDS if reweight_seeds is None else reweight_seeds
     ft_seeds = FINETUNE_SEEDS if finetune_seeds is None else finetune_seeds
     total = ("pool" in stages) + len(rw_seeds) * ("reweight" in stages) + ("base" in stages) \
@@ -246,12 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run, in order")
     parser.add_argument("--reweight-seeds", type=int, nargs="+", default=None, help=f"default {REWEIGHT_SEEDS}")
     parser.add_argument("--finetune-seeds", type=int, nargs="+", default=None, help=f"default {FINETUNE_SEEDS}")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for every stage (default: the presets' 2)")
     parser.add_argument("--runs", default=None, help="working folder (default runs/llama3/protocol)")
     parser.add_argument("--results", default=None, help="results folder (default results/llama3/protocol)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     out = run(args.smoke, Path(args.runs) if args.runs else None, Path(args.results) if args.results else None,
-              tuple(args.stages), args.reweight_seeds, args.finetune_seeds)
+              tuple(args.stages), args.reweight_seeds, args.finetune_seeds, args.threads)
     if not args.smoke and not args.results:
         subprocess.run([sys.executable, str(HERE / "table1.py")], check=True, cwd=REPO)
         print(reproduce(out), end="")

@@ -42,11 +42,12 @@ log = logging.getLogger(__name__)
 
 
 def config_digest(cfg: RunConfig) -> str:
-    """What identifies a run's computation: the resolved config without ``resume`` and ``run_dir`` (a run folder
-    that is moved, or named relative to another working directory, is the same run)."""
+    """What identifies a run's computation: the resolved config without ``resume``, ``run_dir`` and the config
+    file's own path (a run folder that is moved, or a config named relative to another working directory, is the
+    same run; the data files themselves are checked by sha256 on resume)."""
     payload = to_dict(cfg)
-    payload.pop("resume", None)
-    payload.pop("run_dir", None)
+    for key in ("resume", "run_dir", "source_file"):
+        payload.pop(key, None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
