@@ -67,6 +67,11 @@ def summarise(seeds: list[int], steps: int, runs: Path = RUNS, out: Path = OUT) 
         for name, rows in (("weights.jsonl", traj), ("metrics.jsonl", metrics)):
             (out / f"seed{seed}_{name}").write_text("".join(json.dumps(r) + "\n" for r in rows))
         meta = json.loads((run_dir / "meta.json").read_text())
+        # A run killed and resumed (an out-of-memory kill, say) loses the killed part's wall time: then no rate.
+        from datetime import datetime
+
+        span = (datetime.fromisoformat(meta["updated"]) - datetime.fromisoformat(meta["started"])).total_seconds()
+        uninterrupted = meta.get("wall_time_s") is not None and span <= 1.1 * meta["wall_time_s"]
         final = trajectories[seed][max(trajectories[seed])]
         k = len(final)
         per_seed[str(seed)] = {
@@ -75,7 +80,9 @@ def summarise(seeds: list[int], steps: int, runs: Path = RUNS, out: Path = OUT) 
             "control_weight": final[CONTROL],
             "control_below_uniform": final[CONTROL] < 1 / k,
             "wall_time_s": meta.get("wall_time_s"),
-            "seconds_per_step": meta["wall_time_s"] / steps if meta.get("wall_time_s") else None,
+            "seconds_per_step": meta["wall_time_s"] / steps if uninterrupted else None,
+            "timing": "one uninterrupted run, model load included" if uninterrupted else
+                      f"killed and resumed: wall time of the last invocation only ({meta.get('wall_time_s', 0):.0f} s)",
         }
     common = sorted(set.intersection(*(set(t) for t in trajectories.values())))
     agreement = {}
@@ -104,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         run(args.seeds, args.steps)
     summary = summarise(args.seeds, args.steps)
     for seed, s in summary["per_seed"].items():
-        log.info("seed %s: control %.4f (1/k %.4f), %.0f s/step", seed, s["control_weight"], summary["uniform"],
-                 s["seconds_per_step"] or float("nan"))
+        log.info("seed %s: control %.4f (1/k %.4f), %s", seed, s["control_weight"], summary["uniform"],
+                 f"{s['seconds_per_step']:.0f} s/step" if s["seconds_per_step"] else s["timing"])
     return 0
 
 
