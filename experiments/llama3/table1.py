@@ -336,7 +336,8 @@ def protocol_weight_rows(weights: dict, model: str) -> tuple[list[dict], list[di
 def collect_protocol(folder: Path) -> dict:
     """Every protocol row (empty lists when the folder or a part of it is absent), and the trajectories."""
     found = read_protocol(folder)
-    model = ", ".join(sorted({_model_name(r) for r in found["weights"].values()})) or "unknown"
+    model = ", ".join(sorted({_model_name(r) for r in found["weights"].values()})) or \
+        ", ".join(sorted({Path(str(e["model"])).name for e in found["evals"].values() if e.get("model")})) or "unknown"
     weight_rows, rank_rows, control_rows = protocol_weight_rows(found["weights"], model)
     return {"bench": protocol_bench_rows(found["evals"], model),
             "differences": protocol_differences(found["samples"], model), "weights": weight_rows,
