@@ -52,6 +52,18 @@ def alpaca_records(n, seed, noise=0.0, prefix="q"):
     return out
 
 
+def llama3_module(name: str):
+    """experiments/llama3/<name>.py imported as module ``llama3_<name>`` (the folder is not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"llama3_{name}", REPO / "experiments" / "llama3" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_jsonl(path: Path, records) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -3,14 +3,13 @@ deterministic, table1.py is a pure function of results/llama3, MT-Bench's no-jud
 offline pipeline (offline.py) runs end to end at toy size. No pretrained model is loaded: the MT-Bench check and
 the pipeline use tiny random Llamas."""
 
-import importlib.util
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import llama3_module
 import yaml
 
 from scalebio.config import load_config
@@ -24,12 +23,7 @@ needs_data = pytest.mark.skipif(not (SHARED_DATA / "scalebio_math_exp_rlhflow_le
                                 reason="../shared/data not present")
 
 
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"llama3_{name}", LLAMA3 / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+_module = llama3_module
 
 
 @pytest.mark.parametrize("name", ["llama3_8b", "llama3_70b", "offline_smollm2"])

@@ -2,14 +2,13 @@
 seed-to-seed Spearman, the control source against 1/k, byte-identical files on a re-run, and no protocol
 section (nor figure) when the folder is absent. Also the MT-Bench reference task of tasks.py."""
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import llama3_module
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA3 = REPO / "experiments" / "llama3"
@@ -21,12 +20,7 @@ WEIGHTS = {0: [0.30, 0.25, 0.20, 0.15, 0.08, 0.02],   # control far below 1/6; o
 N_DOCS = 40
 
 
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"llama3_{name}", LLAMA3 / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+_module = llama3_module
 
 
 def _write_arm(d: Path, lines: list[dict]) -> None:

@@ -66,14 +66,17 @@ SMOKE = {
 
 
 def evaluate_model(model, tokenizer, out: Path, work: Path, max_length: int, settings: dict) -> None:
-    """The offline tasks of tasks.py on one model (in memory) → ``out`` (eval.json)."""
+    """The offline tasks of tasks.py on one model (in memory) → ``out`` (eval.json). ``settings["mt_bench"]``: also
+    MT-Bench's reference answers; ``settings["samples"]``: also the per-document ``eval_samples.jsonl`` beside it."""
     from scalebio.evaluation import evaluate
     from tasks import offline_tasks
 
     tasks = offline_tasks(tokenizer, work_dir=work, loglik_limit=settings["loglik_limit"],
                           em_limit=settings["em_limit"], max_gen_toks=settings["max_gen_toks"],
-                          max_length=max_length, test_limit=settings.get("test_limit"))
-    evaluate(model, tokenizer, tasks, out)
+                          max_length=max_length, test_limit=settings.get("test_limit"),
+                          mt_bench=settings.get("mt_bench", False))
+    samples = out.with_name("eval_samples.jsonl") if settings.get("samples") else None
+    evaluate(model, tokenizer, tasks, out, samples_out=samples)
 
 
 def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, results_root: Path | None = None,

@@ -48,19 +48,17 @@ def run(seeds: list[int], steps: int) -> None:
         raise SystemExit("a pilot run failed: see runs/llama3/protocol_pilot/seed*.log")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def summarise(seeds: list[int], steps: int, runs: Path = RUNS, out: Path = OUT) -> dict:
     from scipy.stats import spearmanr
+
+    from scalebio.results import read_jsonl
 
     trajectories, per_seed = {}, {}
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         run_dir = runs / f"seed{seed}"
-        traj = [r for r in _read_jsonl(run_dir / "weights.jsonl") if r["step"] <= steps]
-        metrics = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if r["step"] < steps]
+        traj = [r for r in read_jsonl(run_dir / "weights.jsonl") if r["step"] <= steps]
+        metrics = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] < steps]
         if len(metrics) < steps:
             raise SystemExit(f"{run_dir}: {len(metrics)} steps logged, fewer than --steps {steps}")
         trajectories[seed] = {r["step"]: r["weights"] for r in traj}

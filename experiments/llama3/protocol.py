@@ -43,6 +43,7 @@ from scalebio.resample import pool_from_run, resample  # noqa: E402
 from scalebio.results import copy_retrain_results, copy_run_results, relativize  # noqa: E402
 from scalebio.reproduce import Claim, arm_finished, reproduce_report, reweight_finished  # noqa: E402
 from scalebio.reweight import run_reweight  # noqa: E402
+from offline import evaluate_model  # noqa: E402  (with settings "samples" and "mt_bench")
 
 log = logging.getLogger("llama3.protocol")
 
@@ -52,7 +53,8 @@ N = 2000
 """Examples drawn per arm (the same for both arms): 250 fine-tuning steps of 8, each seen once."""
 STAGES = ("pool", "reweight", "base", "arms")
 POOL_ARGS = ["--control", "600", "--no-stand-ins"]
-EVAL = {"loglik_limit": 300, "em_limit": 50, "max_gen_toks": 160, "test_limit": None, "mt_bench": True}
+EVAL = {"loglik_limit": 300, "em_limit": 50, "max_gen_toks": 160, "test_limit": None, "mt_bench": True,
+        "samples": True}
 """test.json whole; the first 300 GSM8K / MATH test records by log-likelihood; greedy exact match on the first 50
 GSM8K questions (generation is the slow part on 2 cores); MT-Bench's GPT-4 reference answers by log-likelihood."""
 
@@ -65,7 +67,7 @@ SMOKE = {
                  "lisa.interval=1", "threads=1", *[f"data.sources.{i}.limit=16" for i in range(6)]],
     "finetune": ["steps=2", "max_length=64", "lisa.gamma=2", "lisa.interval=1", "threads=1"],
     "n": 16,
-    "eval": {"loglik_limit": 4, "em_limit": 2, "max_gen_toks": 4, "test_limit": 4, "mt_bench": True},
+    "eval": {"loglik_limit": 4, "em_limit": 2, "max_gen_toks": 4, "test_limit": 4, "mt_bench": True, "samples": True},
 }
 
 
@@ -87,19 +89,6 @@ class Progress:
     def finish(self, skipped: bool = False) -> None:
         self.done += 1
         self.skipped += skipped
-
-
-def evaluate_model(model, tokenizer, out: Path, work: Path, max_length: int, settings: dict) -> None:
-    """The offline tasks (with MT-Bench's reference answers) on one model → ``out`` (eval.json) and the per-example
-    ``eval_samples.jsonl`` beside it."""
-    from scalebio.evaluation import evaluate
-    from tasks import offline_tasks
-
-    tasks = offline_tasks(tokenizer, work_dir=work, loglik_limit=settings["loglik_limit"],
-                          em_limit=settings["em_limit"], max_gen_toks=settings["max_gen_toks"],
-                          max_length=max_length, test_limit=settings.get("test_limit"),
-                          mt_bench=settings.get("mt_bench", False))
-    evaluate(model, tokenizer, tasks, out, samples_out=out.with_name("eval_samples.jsonl"))
 
 
 def _copy_eval(work: Path, out: Path) -> None:

@@ -108,8 +108,10 @@ def write_samples(samples: dict[str, list[dict]], out: Path) -> list[dict]:
 
 
 def read_samples(path: Path) -> list[dict]:
-    """The lines of an ``eval_samples.jsonl``."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The lines of an ``eval_samples.jsonl`` (a malformed line is an error naming the file and the line)."""
+    from ..data import read_records
+
+    return read_records(Path(path))
 
 
 def _atomic_write(path: Path, text: str) -> None:
