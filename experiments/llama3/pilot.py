@@ -1,7 +1,11 @@
 """The pilot of Table 1's protocol: the first steps of two reweighting seeds of protocol_smollm2.yaml, summarised.
 
-    python experiments/llama3/pilot.py run [--steps 30] [--seeds 0 1]    # reweight each seed for --steps steps
-    python experiments/llama3/pilot.py summarise [--steps 30] [--seeds 0 1]
+    python experiments/llama3/pilot.py run [--steps 30] [--seeds 0 1] [--tag T --set key=value ...]
+    python experiments/llama3/pilot.py summarise [--steps 30] [--seeds 0 1] [--tag T]
+
+``--tag T --set key=value ...`` runs a variant of the preset (e.g. ``--tag shared --set lisa.shared=true``) in
+runs/llama3/protocol_pilot/T/ and summarises it into results/llama3/protocol/pilot_T/; without a tag, the preset as
+it is, in runs/llama3/protocol_pilot/ and results/llama3/protocol/pilot/ (the first pilot).
 
 ``run`` starts one ``scalebio reweight protocol_smollm2.yaml seed=<s> threads=1 --stop-after <steps>`` per seed, all
 at once (one thread each: on 2 shared cores two one-thread streams beat one two-thread stream), in
@@ -32,23 +36,28 @@ OUT = REPO / "results" / "llama3" / "protocol" / "pilot"
 CONTROL = "control-dot-responses"
 
 
-def run(seeds: list[int], steps: int) -> None:
+def paths(tag: str | None) -> tuple[Path, Path]:
+    """The runs folder and the results folder of the pilot named ``tag`` (None: the first pilot)."""
+    return (RUNS / tag, OUT.with_name(f"pilot_{tag}")) if tag else (RUNS, OUT)
+
+
+def run(seeds: list[int], steps: int, overrides: list[str] = (), runs: Path = RUNS) -> None:
     import subprocess
 
     procs = []
     for seed in seeds:
-        run_dir = RUNS / f"seed{seed}"
+        run_dir = runs / f"seed{seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = [str(Path(sys.executable).with_name("scalebio")), "reweight", str(HERE / "protocol_smollm2.yaml"),
                f"seed={seed}", f"run_dir={run_dir}", f"data.root={REPO / 'data' / 'llama3' / 'protocol_pool'}",
-               "threads=1", "--stop-after", str(steps), "--no-progress"]
+               "threads=1", *overrides, "--stop-after", str(steps), "--no-progress"]
         log.info("%s (log: %s)", " ".join(cmd), run_dir.with_suffix(".log"))
         procs.append(subprocess.Popen(cmd, stdout=open(run_dir.with_suffix(".log"), "w"), stderr=subprocess.STDOUT))
     if any(p.wait() for p in procs):
-        raise SystemExit("a pilot run failed: see runs/llama3/protocol_pilot/seed*.log")
+        raise SystemExit(f"a pilot run failed: see {runs}/seed*.log")
 
 
-def summarise(seeds: list[int], steps: int, runs: Path = RUNS, out: Path = OUT) -> dict:
+def summarise(seeds: list[int], steps: int, runs: Path = RUNS, out: Path = OUT, overrides: list[str] = ()) -> dict:
     from scipy.stats import spearmanr
 
     from scalebio.results import read_jsonl
@@ -93,7 +102,8 @@ def summarise(seeds: list[int], steps: int, runs: Path = RUNS, out: Path = OUT) 
         agreement[f"{a}-{b}"] = rows
     summary = {"steps": steps, "seeds": seeds, "k": k, "uniform": 1 / k, "per_seed": per_seed,
                "spearman_between_seeds": agreement,
-               "config": "experiments/llama3/protocol_smollm2.yaml (the first steps of the real runs)"}
+               "config": "experiments/llama3/protocol_smollm2.yaml (the first steps of the real runs)",
+               **({"overrides": list(overrides)} if overrides else {})}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
@@ -103,11 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=("run", "summarise"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--tag", help="name of a variant pilot (its own runs and results folders)")
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides of the variant (needs --tag)")
     args = parser.parse_args(argv)
+    if args.overrides and not args.tag:
+        parser.error("--set needs --tag: a variant must not overwrite the first pilot's results")
+    runs, out = paths(args.tag)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.action == "run":
-        run(args.seeds, args.steps)
-    summary = summarise(args.seeds, args.steps)
+        run(args.seeds, args.steps, args.overrides, runs)
+    summary = summarise(args.seeds, args.steps, runs, out, args.overrides)
     for seed, s in summary["per_seed"].items():
         log.info("seed %s: control %.4f (1/k %.4f), %s", seed, s["control_weight"], summary["uniform"],
                  f"{s['seconds_per_step']:.0f} s/step" if s["seconds_per_step"] else s["timing"])
