@@ -20,12 +20,12 @@ import torch
 
 from scalebio.results import write_json
 
-from . import hypergradient, memory, precision, sources, step_cost, step_profile
+from . import hypergradient, memory, padding, precision, sources, step_cost, step_profile
 from .common import BLOCKS, ModelSpec, machine_info
 
 log = logging.getLogger("benchmarks")
 SCHEMA = "scalebio.bench/1"
-EXPERIMENTS = ("step_cost", "memory", "sources", "hypergradient", "precision", "profile")
+EXPERIMENTS = ("step_cost", "memory", "sources", "hypergradient", "precision", "profile", "padding")
 ON_CUDA = ("precision", "profile")
 
 FULL = {
@@ -42,6 +42,7 @@ FULL = {
                       reduced_shape=[1, 32], reduced_reps=[2, 1], warmup_shape=[1, 8],
                       peak_shapes=[[1024, 576, 1536], [32, 576, 1536]], peak_reps=3, reweight_config="experiments/llama3/offline_smollm2.yaml", reweight_steps=30),
     "profile": dict(model="smollm2", batch=8, seq_len=128, k=8, gamma=4, threads=1, warmup_shape=[1, 8]),
+    "padding": dict(model="smollm2", batch=8, seq_len=128, gamma=4, threads=1, warmup=1, reps=9),
 }
 # On a CUDA device (gpu_check.sh): full shapes, more repetitions, a large square matmul for the peak too.
 CUDA = {
@@ -61,6 +62,7 @@ SMOKE = {
                       reduced_shape=[1, 8], reduced_reps=[1, 1], warmup_shape=[1, 4], peak_shapes=[[64, 32, 96]],
                       peak_reps=2, reweight_config=None, reweight_steps=3),
     "profile": dict(model="tiny_llama", batch=2, seq_len=16, k=2, gamma=2, threads=1, warmup_shape=[1, 4]),
+    "padding": dict(model="tiny_llama", batch=2, seq_len=16, gamma=2, threads=1, warmup=1, reps=2),
 }
 
 
@@ -82,6 +84,8 @@ def run_experiment(name: str, s: dict, device: str = "cpu") -> dict:
         return precision.run(**s, device=device)
     if name == "profile":
         return step_profile.run(**s, device=device)
+    if name == "padding":
+        return padding.run(**s, device=device)
     raise ValueError(name)
 
 

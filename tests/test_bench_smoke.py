@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ("step_cost", "memory", "sources", "hypergradient", "precision", "profile")
-FIGURES = ("step_cost", "memory", "sources", "hypergradient")  # precision and profile are tables only
+EXPERIMENTS = ("step_cost", "memory", "sources", "hypergradient", "precision", "profile", "padding")
+FIGURES = ("step_cost", "memory", "sources", "hypergradient")  # precision, profile and padding are tables only
 
 
 def _timing(entry, reps):

@@ -180,3 +180,31 @@ def test_clipping_follows_the_rule():
     loose = build(clip=1e6, alpha=alpha)
     loose.step(train, val)
     assert norm(loose.grads_w) == pytest.approx(loose.norm_before["w"], rel=1e-12)
+
+
+def test_padding_mask_dropped_only_where_it_changes_nothing():
+    """Right padding: the objective runs without the mask (plain causal attention) and still equals the masked
+    forward; left padding keeps the mask, without which the losses would differ."""
+    from scalebio.solver import padding_mask
+
+    model = tiny_gpt2(0)
+    right = make_batch(3, 4)
+    assert padding_mask(right) is None
+    assert padding_mask({**right, "attention_mask": torch.ones_like(right["attention_mask"])}) is None
+    ce, m = reference_losses(model, right)
+    expected = (ce * m).sum(1) / m.sum(1)
+    for chunked in (True, False):
+        got = CausalLMObjective(chunked=chunked).per_example_loss(model, right)
+        assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+    # the same rows left-padded (positions shift too, so pass them as the masked reference does)
+    left = {key: torch.stack([torch.roll(row, int((mrow == 0).sum())) for row, mrow in
+                              zip(right[key], right["attention_mask"])]) for key in ("input_ids", "attention_mask",
+                                                                                      "labels")}
+    assert padding_mask(left) is left["attention_mask"]
+    ce, m = reference_losses(model, left)
+    masked = (ce * m).sum(1) / m.sum(1)
+    got = CausalLMObjective(chunked=False).per_example_loss(model, left)
+    assert torch.allclose(got, masked, rtol=1e-12, atol=1e-12)
+    unmasked = CausalLMObjective(chunked=False).per_example_loss(model, {**left, "attention_mask": None})
+    assert not torch.allclose(unmasked, masked, rtol=1e-6, atol=0)
