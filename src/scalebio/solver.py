@@ -127,8 +127,9 @@ class CausalLMObjective:
 def padding_mask(batch: Batch) -> torch.Tensor | None:
     """The attention mask the model needs for ``batch``: None when every row is right-padded (ones, then zeros)
     or unpadded. Under causal attention a real token never sees a pad to its right, so its output is the same
-    with or without the mask, and without one the model takes its plain causal attention path (benchmarks/padding.py,
-    SmolLM2 8×128 on one AVX2 core: 0.97 of the masked time, IQR 0.95–1.02: no loss, a small gain). Any other mask (left padding, holes) is kept."""
+    with or without the mask, and without one the model takes its plain causal attention path
+    (benchmarks/padding.py, SmolLM2 8×128 on one AVX2 core: 0.97 of the masked time, IQR 0.95–1.02). Any other
+    mask (left padding, holes) is kept."""
     mask = batch.get("attention_mask")
     if mask is None or bool((mask[:, 1:] <= mask[:, :-1]).all()):
         return None
