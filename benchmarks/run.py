@@ -4,6 +4,7 @@
     python -m benchmarks.run --out /tmp/bench --figures /tmp/fig --smoke     # toy sizes, seconds
     python -m benchmarks.run --out results/bench --only memory               # one experiment
     python -m benchmarks.run --out results/bench --only precision profile --device cuda   # gpu_*.json (gpu_check.sh)
+    python -m benchmarks.run --out results/bench --only gap_noise   # λ's gradient per precision (~25 min CPU)
 
 Every JSON holds machine info, the torch version, the settings, every timed repetition and the medians.
 """
@@ -20,12 +21,12 @@ import torch
 
 from scalebio.results import write_json
 
-from . import hypergradient, memory, padding, precision, sources, step_cost, step_profile
+from . import gap_noise, hypergradient, memory, padding, precision, sources, step_cost, step_profile
 from .common import BLOCKS, ModelSpec, machine_info
 
 log = logging.getLogger("benchmarks")
 SCHEMA = "scalebio.bench/1"
-EXPERIMENTS = ("step_cost", "memory", "sources", "hypergradient", "precision", "profile", "padding")
+EXPERIMENTS = ("step_cost", "memory", "sources", "hypergradient", "precision", "profile", "padding", "gap_noise")
 ON_CUDA = ("precision", "profile")
 
 FULL = {
@@ -43,6 +44,12 @@ FULL = {
                       peak_shapes=[[1024, 576, 1536], [32, 576, 1536]], peak_reps=3, reweight_config="experiments/llama3/offline_smollm2.yaml", reweight_steps=30),
     "profile": dict(model="smollm2", batch=8, seq_len=128, k=8, gamma=4, threads=1, warmup_shape=[1, 8]),
     "padding": dict(model="smollm2", batch=8, seq_len=128, gamma=4, threads=1, warmup=1, reps=9),
+    # The Table 1 protocol preset (its pool: experiments/llama3/build_pool.py --control 600 --no-stand-ins). A protocol
+    # run keeps only its newest checkpoint: copy (or link) its step-10 and step-30 checkpoints to these paths first;
+    # a missing one is skipped and reported. Step 1 is computed. ~25 min of one CPU thread at 5 batches.
+    "gap_noise": dict(config="experiments/llama3/protocol_smollm2.yaml", overrides=[], batches=5, threads=1,
+                      checkpoints={"step 10": "runs/gap_noise/seed0_step_0000010.pt",
+                                   "step 30": "runs/gap_noise/seed0_step_0000030.pt"}),
 }
 # On a CUDA device (gpu_check.sh): full shapes, more repetitions, a large square matmul for the peak too.
 CUDA = {
@@ -63,6 +70,7 @@ SMOKE = {
                       peak_reps=2, reweight_config=None, reweight_steps=3),
     "profile": dict(model="tiny_llama", batch=2, seq_len=16, k=2, gamma=2, threads=1, warmup_shape=[1, 4]),
     "padding": dict(model="tiny_llama", batch=2, seq_len=16, gamma=2, threads=1, warmup=1, reps=2),
+    "gap_noise": dict(config=None, overrides=[], batches=5, threads=1, checkpoints={}, smoke=True),
 }
 
 
@@ -86,6 +94,8 @@ def run_experiment(name: str, s: dict, device: str = "cpu") -> dict:
         return step_profile.run(**s, device=device)
     if name == "padding":
         return padding.run(**s, device=device)
+    if name == "gap_noise":
+        return gap_noise.run(**s)
     raise ValueError(name)
 
 

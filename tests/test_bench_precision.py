@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
+from scalebio.precision import cpu_bf16_flags
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -119,8 +120,16 @@ def test_table_rows_follow_the_results(smoke, tmp_path):
     assert rows["MFU of the SFT step, bf16 (6·N·tokens ÷ time ÷ bf16 matmul peak)"].endswith("≥ 0.4: MISSED |")
     assert "not measured: " in rows["‖p_bf16 − p_fp32‖₁ after 30 reweighting steps, same seed"]
     assert len(rows["SFT step, bf16 ÷ fp32"].split(" | ")) == 4  # label, 1 thread, 2 threads, target
-    profile = table.profile_lines(smoke)
-    assert profile[0].startswith("| CPU fp32") and any(r.startswith("| log-softmax / CE |") for r in profile)
+    # The profile runs in the precision `auto` gives this CPU (bf16 with AVX-512 BF16 or AMX, else fp32): the
+    # heading follows what profile.json recorded, checked for both values so the verdict is the same on every CPU.
+    profile = json.loads((smoke / "profile.json").read_text())
+    assert profile["results"]["precision"] == ("bf16" if cpu_bf16_flags() else "fp32")
+    for recorded in ("fp32", "bf16"):
+        profile["results"]["precision"] = recorded
+        (tmp_path / "profile.json").write_text(json.dumps(profile))
+        lines = table.profile_lines(tmp_path)
+        assert lines[0].startswith(f"| CPU {recorded}, 2×16, 1 thread(s)")
+        assert any(r.startswith("| log-softmax / CE |") for r in lines)
 
 
 def test_full_shape_branch_runs_the_reweighting_comparison(tmp_path):
@@ -150,3 +159,27 @@ def test_gpu_check_refuses_without_cuda(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no CUDA device" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_gap_noise_smoke(tmp_path):
+    """benchmarks/gap_noise.py at tiny size (its own 3-step run stands in for a protocol checkpoint): registered
+    in run.py, every mode measured at every point against fp64, the table built from the JSON."""
+    from benchmarks import gap_noise
+
+    assert "gap_noise" in run.EXPERIMENTS and run.SMOKE["gap_noise"]["smoke"] and "gap_noise" in run.FULL
+    threads = torch.get_num_threads()
+    try:
+        res = run.run_experiment("gap_noise", {**run.SMOKE["gap_noise"], "batches": 2})
+    finally:
+        torch.set_num_threads(threads)
+    assert set(res["points"]) == {"step 1", "step 3"} and res["batches"]["count"] == 2 and res["skipped"] == {}
+    for point in res["points"].values():
+        assert len(point["reference_gap"]) == 2 and len(point["reference_gap"][0]) == len(res["sources"]) == 3
+        assert set(point["modes"]) == {"fp32", "bf16_autocast", "bf16"}
+        assert point["modes"]["bf16"]["gap_error"] == point["modes"]["fp32"]["gap_error"]  # the same fp32 forwards
+        for row in point["modes"].values():
+            assert -1 <= row["lambda_grad_cosine"]["min"] <= 1 and row["gap_error"]["max"] >= 0
+    assert res["summary"]["fp32"]["lambda_grad_cosine_min"] > 0.9  # fp32 against fp64, even at this size
+    (tmp_path / "gap_noise.json").write_text(json.dumps({"results": res}))
+    lines = gap_noise.table_lines(tmp_path)
+    assert len(lines) == 5 and lines[0].startswith("| mode | step 1 (max ‖gap‖")

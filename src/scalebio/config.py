@@ -35,7 +35,9 @@ class ModelConfig:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     """Sizes for ``architecture`` (e.g. ``n_layer``, ``n_embd``), or overrides of a pretrained config (e.g. dropout)."""
     dtype: str = "float32"
-    """float32 | bfloat16 | float16."""
+    """float32 | bfloat16 | float16: the dtype the weights are loaded in. Training upcasts them to fp32 master
+    weights before the optimizer is built (scalebio.precision.fp32_master); bfloat16 saves memory and time while
+    loading only."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
 
@@ -139,6 +141,12 @@ class SolverConfig:
     fused_w: bool = True
     """w's forward and backward over V and B in one pass per micro-batch pair (the same gradient as two passes).
     Only under ``conventions: scalebio``; the authors' conventions run B's pass, then V's."""
+    gap_precision: str = "fp32"
+    """Where λ's per-source losses ℓ_i(w), ℓ_i(u) come from when ``precision`` resolves to bf16: ``fp32`` (fp32
+    forwards on B without gradients, TF32 off: λ's gradient as in an fp32 run, for 2 extra forwards per step) or
+    ``compute`` (the bf16 passes' own losses: the behaviour before issue 18, wrong when the gap ℓ_i(w) − ℓ_i(u) is
+    below bf16 rounding, as when a pretrained model is fine-tuned at a small lr; kept to reproduce runs made with
+    it). No effect under fp32 (scalebio.precision)."""
     conventions: str = "scalebio"
     """Whose conventions (README, "Fidelity to the released code"). ``scalebio``: warmup of ceil(r·N) steps with
     factor (t+1)/warmup, α·τ^i and a cosine restarted per outer iteration, per-example loss = mean over response
@@ -183,9 +191,10 @@ class RunConfig:
     threads: int | None = None
     """torch CPU threads; ``null`` leaves torch's default."""
     precision: str = "auto"
-    """Compute precision: ``bf16`` (autocast, fp32 master weights and optimizer state; losses, per-source means
-    and λ in fp32/fp64), ``fp32``, or ``auto``: bf16 on a CUDA GPU with bf16 or a CPU with AMX/AVX-512 BF16, else
-    fp32 (scalebio.precision; meta.json records the choice)."""
+    """Compute precision: ``bf16`` (autocast bf16 for the gradient passes; fp32 master weights and optimizer state,
+    also when ``model.dtype`` is bfloat16; λ's per-source losses from fp32 forwards, ``solver.gap_precision``),
+    ``fp32`` (TF32 off), or ``auto``: bf16 on a CUDA GPU with bf16 or a CPU with AMX/AVX-512 BF16, else fp32
+    (scalebio.precision; meta.json records the choice)."""
     sharding: str = "auto"
     """``none`` (u and w replicated on every rank, gradients all-reduced), ``fsdp`` (u and w sharded over ranks
     with torch FSDP), or ``auto``: fsdp under ``accelerate launch`` with an FSDP config, else none
@@ -415,6 +424,8 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ConfigError(f"solver.global_batch: {s.global_batch} is not a multiple of micro_batch {s.micro_batch}")
     if d.prompt not in ("auto", "scalebio", "authors"):
         raise ConfigError(f"data.prompt: {d.prompt!r} is not one of auto, scalebio, authors")
+    if s.gap_precision not in ("fp32", "compute"):
+        raise ConfigError(f"solver.gap_precision: {s.gap_precision!r} is not fp32 or compute")
     if s.conventions not in CONVENTIONS:
         raise ConfigError(f"solver.conventions: {s.conventions!r} is not one of {', '.join(CONVENTIONS)}")
     if sampling_mode(cfg) == "stratified" and s.global_batch < len(d.sources):

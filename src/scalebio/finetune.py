@@ -152,7 +152,11 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     model.to(device)
     model.train()
     if mode == "fsdp":
-        sharding.shard(model, offload)
+        sharding.shard(model, offload)  # upcasts each block to fp32 just before sharding it
+    # fp32 master weights and moments whatever model.dtype loaded (scalebio.precision, rule 1); a DeepSpeed bf16
+    # engine casts the module to bf16 and keeps these fp32 values in its optimizer.
+    precision.fp32_master(model)
+    precision.check_fp32_master(model)
     opt = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lisa = Lisa(model, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, 1, cfg.lisa.keep_all_state) if cfg.lisa.enabled else None
     engine, engine_meta = None, None

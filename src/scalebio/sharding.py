@@ -153,14 +153,24 @@ def _deepspeed_zero() -> tuple[int, bool]:
 
 
 def shard(model: nn.Module, cpu_offload: bool = False) -> nn.Module:
-    """Wrap every decoder block, then the model, with ``fully_shard`` (in place); gradients are summed."""
+    """Wrap every decoder block, then the model, with ``fully_shard`` (in place); gradients are summed.
+
+    The shards are fp32 master weights (scalebio.precision, rule 1): a bf16-loaded block is upcast just before it
+    is sharded, so a rank holds the fp32 copy of one block at a time, not of the whole model. bf16 compute comes
+    from autocast (``precision``), not from an FSDP ``MixedPrecisionPolicy``: λ's fp32 forwards need the fp32
+    weights gathered."""
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+
+    from .precision import check_fp32_master, fp32_master
 
     # Pinned host memory speeds up the copies to the GPU; it needs one to exist.
     kwargs = {"offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available())} if cpu_offload else {}
     _, blocks = find_blocks(model)
     for block in blocks:
+        fp32_master(block)
         fully_shard(block, **kwargs)
+    fp32_master(model)  # the rest: embeddings, final norm, head (the blocks are DTensor shards now, left alone)
+    check_fp32_master(model)
     fully_shard(model, **kwargs)
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -274,6 +284,14 @@ def deepspeed_config(path: str | None, *, micro_batch: int, global_batch: int, w
     for name, on in (("bf16", bf16), ("fp16", False)):
         if isinstance(ds.get(name), dict) and ds[name].get("enabled") == "auto":
             ds[name]["enabled"] = on
+    # DeepSpeed's bf16 / fp16 modes keep fp32 master weights and fp32 Adam moments in the optimizer (ZeRO 1-2:
+    # single_partition_of_fp32_groups, ZeRO-3: fp32_partitioned_groups_flat, no ZeRO: fp32 copies in the fp16
+    # optimizer; DeepSpeed 0.19.8) while the module computes in 16 bits, unless told otherwise by these keys:
+    for name, key in (("bf16", "bf16_master_weights_and_grads"), ("bf16", "bf16_optimizer_states"),
+                      ("fp16", "fp16_master_weights_and_grads")):
+        if isinstance(ds.get(name), dict) and ds[name].get(key):
+            raise ConfigError(f"{where}: {name}.{key}: true keeps master weights or optimizer state in 16 bits, which "
+                              f"loses small updates (scalebio.precision, rule 1); remove it or set it to false")
     zero = ds.setdefault("zero_optimization", {})
     for key, rule in _ZERO_AUTO.items():
         if zero.get(key) == "auto":

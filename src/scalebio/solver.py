@@ -9,6 +9,10 @@ tests is another, and both run this very code.
     λ ← λ − η_λ · α [ ∇λ L2(λ, w; B) − ∇λ L2(λ, u; B) ]         (method.md §3, line 3)
 
 All gradients are taken at the same (u, w, λ) before any of the three optimizers steps.
+
+Precision (scalebio.precision): u and w train as fp32 master weights whatever dtype they were loaded in; under
+bf16 the gradient passes run in autocast and, by default (``solver.gap_precision: fp32``), the per-source losses
+that move λ are recomputed by fp32 forwards without gradients, at the same (u, w) as the gradients.
 """
 
 from __future__ import annotations
@@ -213,6 +217,10 @@ class ScaleBiO:
         self.u, self.w, self.objective, self.k, self.cfg = u, w, objective, num_sources, cfg
         self.compute_dtype, self.device = compute_dtype, torch.device(device)
         self.lisa_u, self.lisa_w = lisa_u, lisa_w
+        # fp32 master weights (scalebio.precision, rule 1): upcast before the optimizers see the parameters.
+        for model in (u, w):
+            precision.fp32_master(model)
+            precision.check_fp32_master(model)
         # λ in float64: it has k entries, and the weights are the product.
         self.lam = nn.Parameter(torch.zeros(num_sources, dtype=torch.float64))
         adam = dict(betas=tuple(cfg.betas), eps=cfg.eps)
@@ -272,14 +280,31 @@ class ScaleBiO:
         v1 = self.cfg.conventions == "v1"
         micro_train, micro_val = len(train) * world_size(), len(val) * world_size()
 
-        def train_term(ell: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """(this micro-batch's share of L2, its share of the per-source sums or, under v1, of the means [k])."""
+        def source_term(ell: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+            """This micro-batch's share of the per-source sums or, under v1, of the per-source means [k]."""
             sums = source_sums(ell.detach().double(), source, k).cpu()
             if not v1:
-                return mixture_loss(ell, source, p, counts), sums
+                return sums
             here = source_counts(source.cpu(), k)
-            means = torch.where(here > 0, sums / here.clamp(min=1), torch.zeros_like(sums))
-            return mixture_loss(ell, source, p, here) / micro_train, means / micro_train
+            return torch.where(here > 0, sums / here.clamp(min=1), torch.zeros_like(sums)) / micro_train
+
+        def train_term(ell: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(this micro-batch's share of L2, its share of the per-source sums or means [k])."""
+            if not v1:
+                return mixture_loss(ell, source, p, counts), source_term(ell, source)
+            here = source_counts(source.cpu(), k)
+            return mixture_loss(ell, source, p, here) / micro_train, source_term(ell, source)
+
+        def fp32_source_terms(model: nn.Module) -> torch.Tensor:
+            """The per-source sums (or v1 means) of B under ``model`` from fp32 forwards without gradients: the
+            losses λ's step uses under bf16 (scalebio.precision, rule 3). Called before ``model`` steps."""
+            total = torch.zeros(k, dtype=torch.float64)
+            with torch.no_grad(), precision.exact_fp32():
+                for mb in train:
+                    ell = self.objective.per_example_loss(model, mb)
+                    self._check(ell, "fp32 training loss for λ", step)
+                    total += source_term(ell, mb["source"])
+            return total
 
         def val_term(total: torch.Tensor, mb: Batch) -> torch.Tensor:
             """This micro-batch's share of L1: its loss sum over all V terms, or (v1) its mean over G_V."""
@@ -300,6 +325,8 @@ class ScaleBiO:
             share, sums = train_term(ell, mb["source"])
             share.backward()
             sums_u += sums
+        if self._gap_in_fp32():
+            sums_u = fp32_source_terms(self.u)
         # u's step can be taken now: nothing below reads u (λ uses ℓ^u recorded above, at the old u), so
         # the updates stay simultaneous, and u's gradients are freed before w's passes need memory.
         self._finish(self.u, self.opt_u, clip=self.cfg.clip_grad_norm)
@@ -328,6 +355,8 @@ class ScaleBiO:
                 loss = loss + alpha * share
                 sums_w += sums
             loss.backward()
+        if self._gap_in_fp32():
+            sums_w = fp32_source_terms(self.w)
 
         sums_u, sums_w, val_sum = all_reduce(sums_u), all_reduce(sums_w), all_reduce(val_sum)
         present = counts > 0
@@ -367,6 +396,11 @@ class ScaleBiO:
 
     def _autocast(self):
         return precision.autocast(self.compute_dtype, self.device)
+
+    def _gap_in_fp32(self) -> bool:
+        """Whether λ's per-source losses need their own fp32 forwards: compute below fp32 and
+        ``solver.gap_precision: fp32`` (the default)."""
+        return self.compute_dtype in precision.LOW_PRECISION and self.cfg.gap_precision == "fp32"
 
     def _w_passes(self, val: Sequence[Batch], train: Sequence[Batch]):
         """(V micro-batch or None, B micro-batch or None) pairs for w's forward/backward passes: paired up for one
