@@ -1,0 +1,62 @@
+"""Every GPT-2 experiment preset pins its precision (and a reweighting preset its solver.conventions and
+solver.gap_precision) to what its committed results ran, as their meta.json and config.yaml record, so the numbers
+do not depend on the machine that reruns them (`auto` resolves by the CPU's bf16 units). The Llama-3 presets pin
+bf16 with fp32 λ losses (issue 18)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+GPT2 = REPO / "experiments" / "gpt2"
+TASKS = ("denoising", "instruction_following", "multilingual")
+
+
+def _raw(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _committed(task: str) -> list[tuple[dict, dict]]:
+    """(meta.json, config.yaml) of every committed reweighting run of ``task``."""
+    runs = sorted((REPO / "results" / "gpt2" / task).glob("*/reweight_seed*"))
+    assert runs
+    return [(json.loads((r / "meta.json").read_text()), _raw(r / "config.yaml")) for r in runs]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_cpu_presets_pin_what_the_committed_runs_ran(task):
+    preset = _raw(GPT2 / task / "cpu.yaml")
+    for meta, config in _committed(task):
+        ran = meta["precision"]["compute_dtype"]  # what `precision` resolved to on the machine that ran it
+        assert preset["precision"] == ran
+        assert preset["solver"]["conventions"] == config["solver"]["conventions"]
+        # Before issue 18 a bf16 run took λ's gaps from its bf16 passes: gap_precision: compute reproduces that.
+        assert preset["solver"]["gap_precision"] == ("compute" if ran == "bf16" else "fp32")
+    assert _raw(GPT2 / task / "finetune_cpu.yaml")["precision"] == "bf16"  # the retrain runs: same machines, auto
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_paper_presets_pin_bf16_with_fp32_gaps(task):
+    preset = _raw(GPT2 / task / "paper.yaml")
+    assert preset["precision"] == "bf16" and preset["solver"]["conventions"] == "v1"
+    assert preset["solver"]["gap_precision"] == "fp32"  # lr 1e-5 on pretrained GPT-2: gaps below bf16 rounding
+
+
+def test_every_gpt2_run_preset_names_its_precision():
+    for path in GPT2.glob("*/*.yaml"):
+        data = _raw(path)
+        if path.name == "pipeline.yaml":
+            continue
+        assert "precision" in data, path
+        if "solver" in data:
+            assert {"conventions", "gap_precision"} <= set(data["solver"]), path
+
+
+@pytest.mark.parametrize("name", ["llama3_8b", "llama3_70b", "finetune_8b", "finetune_70b"])
+def test_llama3_presets_pin_bf16_compute_with_fp32_master(name):
+    data = _raw(REPO / "experiments" / "llama3" / f"{name}.yaml")
+    assert data["precision"] == "bf16" and data["model"]["dtype"] == "bfloat16"  # the load dtype; trained in fp32
+    if "solver" in data:
+        assert data["solver"]["gap_precision"] == "fp32"
