@@ -124,22 +124,28 @@ def test_build_pool_tiny(tmp_path):
 
 
 def test_protocol_presets_validate():
-    """The Table 1 protocol preset keeps what the issue fixes: the five authors' sources and one control source,
-    stratified batches of at least 4 per source, at least 150 steps, at most 3,000 records per source; the
-    fine-tuning preset sees each of the N >= 2,000 drawn examples once, the same budget for both arms."""
+    """The Table 1 protocol preset keeps what the campaign fixed (experiments/llama3/README.md, "Campaign settings"):
+    the five authors' sources and one control source, stratified batches of 8 per source, 60 steps, at most 3,000
+    records per source, fp32, the scalebio conventions, shared LISA draws; the fine-tuning preset (fp32) sees each
+    of the N >= 2,000 drawn examples once, the same budget for every arm; three arms."""
     cfg = load_config(LLAMA3 / "protocol_smollm2.yaml")
     names = [s.name for s in cfg.data.sources]
     control = [n for n in names if "control" in n]
     assert control == ["control-dot-responses"] and len(names) == 6
     assert set(names) - set(control) == set(_module("build_pool").AUTHORS_SOURCES)
-    assert cfg.data.sampling == "stratified" and cfg.solver.global_batch >= 4 * len(names)
+    assert cfg.data.sampling == "stratified" and cfg.solver.global_batch == 8 * len(names)
     assert cfg.solver.global_batch % len(names) == 0 and len({s.limit for s in cfg.data.sources}) == 1
-    assert all(s.limit <= 3000 for s in cfg.data.sources) and cfg.solver.steps >= 150
+    assert all(s.limit <= 3000 for s in cfg.data.sources) and cfg.solver.steps == 60
+    assert cfg.precision == "fp32" and cfg.solver.conventions == "scalebio" and cfg.lisa.shared
+    text = (LLAMA3 / "protocol_smollm2.yaml").read_text()  # pinned in the file, not left to defaults
+    assert all(f"{key}:" in text for key in ("precision", "conventions", "shared", "prompt", "schedule", "tau"))
     assert cfg.model.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf" and cfg.lisa.enabled
     assert cfg.data.root.endswith("protocol_pool")
     ft = load_config(LLAMA3 / "protocol_finetune.yaml", cls=FinetuneConfig)
     validate_finetune_config(ft)
+    assert ft.precision == "fp32"
     protocol = _module("protocol")
+    assert list(protocol.ARMS) == ["learned", "uniform", "uniform_real"]
     assert protocol.N >= 2000 and ft.steps * ft.global_batch == protocol.N
     assert len(protocol.REWEIGHT_SEEDS) == 3 and len(protocol.FINETUNE_SEEDS) >= 3
     assert protocol.POOL_ARGS == ["--control", "600", "--no-stand-ins"] and protocol.EVAL["mt_bench"]
@@ -322,8 +328,8 @@ def test_protocol_pipeline_smoke(tmp_path):
     results = tmp_path / "results" / "protocol"
     out = protocol.run(smoke=True, runs_root=tmp_path / "runs", results_root=results)
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["base", *(f"{m}_ft{i}" for m in ("learned", "uniform") for i in range(3)),
-                            *(f"reweight_seed{s}" for s in range(3))])
+    assert names == sorted(["base", *(f"{m}_ft{i}" for m in ("learned", "uniform", "uniform_real") for i in range(3)),
+                            *(f"reweight_seed{s}" for s in range(3)), "campaign.json"])
     manifest = json.loads((tmp_path / "runs" / "pool" / "manifest.json").read_text())
     assert manifest["sources"]["control-dot-responses"]["control"] is True
     for i in range(3):
@@ -331,8 +337,13 @@ def test_protocol_pipeline_smoke(tmp_path):
         assert "control-dot-responses" in weights["weights"]
         learned = json.loads((out / f"learned_ft{i}" / "resample.json").read_text())
         uniform = json.loads((out / f"uniform_ft{i}" / "resample.json").read_text())
-        assert learned["weights"] == weights["weights"] and uniform["weights"] == "uniform"
-        assert learned["n"] == uniform["n"] == protocol.SMOKE["n"]
+        real = json.loads((out / f"uniform_real_ft{i}" / "resample.json").read_text())
+        assert learned["weights"] == weights["weights"] and uniform["weights"] == real["weights"] == "uniform"
+        assert learned["n"] == uniform["n"] == real["n"] == protocol.SMOKE["n"]
+        assert "control-dot-responses" in uniform["counts"] and "control-dot-responses" not in real["counts"]
+        for arm in ("learned", "uniform", "uniform_real"):
+            unit = json.loads((out / f"{arm}_ft{i}" / "unit.json").read_text())
+            assert unit["git_revision"] and unit["finetune_seed"] == i
     for arm in ("base", "learned_ft0", "uniform_ft2"):
         tasks = json.loads((out / arm / "eval.json").read_text())["tasks"]
         assert "mt_bench_reference_loglik" in tasks and "gsm8k_exact_match" in tasks

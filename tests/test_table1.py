@@ -39,9 +39,9 @@ def _write_arm(d: Path, lines: list[dict]) -> None:
 
 
 def _fake_protocol(root: Path) -> None:
-    """Three reweighting seeds and three fine-tuning pairs. Per pair: learned is 0.2 nats/token better on
-    `nll_better`, equal on `nll_same`, differs by zero-mean noise on `nll_noise`, and solves 15 fewer of 40
-    questions on `em_worse`."""
+    """Three reweighting seeds and three fine-tuning seeds of three arms. Per seed: learned is 0.2 nats/token better
+    than uniform on `nll_better`, equal on `nll_same`, differs by zero-mean noise on `nll_noise`, and solves 15 fewer
+    of 40 questions on `em_worse`; uniform_real equals learned on `nll_better`."""
     for seed, values in WEIGHTS.items():
         d = root / f"reweight_seed{seed}"
         d.mkdir(parents=True)
@@ -61,7 +61,8 @@ def _fake_protocol(root: Path) -> None:
         solved = rng.random(N_DOCS) < 0.2
         solved[:15] = True
         arms = {"uniform": (per_token, solved, per_token),
-                "learned": (per_token - 0.2, np.r_[np.zeros(15, bool), solved[15:]], per_token + noise)}
+                "learned": (per_token - 0.2, np.r_[np.zeros(15, bool), solved[15:]], per_token + noise),
+                "uniform_real": (per_token - 0.2, solved, per_token)}  # as good as learned on nll_better
         for arm, (nll, em, noisy) in arms.items():
             lines = [{"task": "em_worse", "doc_id": d, "filter": "extract", "exact_match": int(em[d])}
                      for d in range(N_DOCS)]
@@ -98,13 +99,18 @@ def test_table1_protocol_verdicts_and_determinism(tmp_path):
     small = md.read_text().split("## Small runs:")[1]
     assert "## Protocol:" in md.read_text() and "1.9655" in small and "protocol" not in small  # not a small run
     text = md.read_text().split("## Small runs:")[0]  # the protocol section
-    assert re.fullmatch(r"\| nll_better \| nll_per_token \| lower \| -0\.2000 \| \[-0\.2000, -0\.2000\] \| 0 1 2 \| "
-                        r"40 \| \*\*reproduced\*\* \|", _line(text, "| nll_better | nll_per_token |"))
-    assert re.fullmatch(r"\| nll_same \| nll_per_token \| lower \| \+0\.0000 \| \[\+0\.0000, \+0\.0000\] .*"
-                        r"\*\*inconclusive\*\* \|", _line(text, "| nll_same |"))
-    assert _line(text, "| nll_noise |").endswith("| **inconclusive** |")
-    assert re.fullmatch(r"\| em_worse \| exact_match,extract \| higher \| -0\.3750 \| \[-0\.\d+, -0\.\d+\] .*"
-                        r"\*\*contradicted\*\* \|", _line(text, "| em_worse |"))
+    vs = "| learned − uniform |"
+    assert re.fullmatch(r"\| learned − uniform \| nll_better \| nll_per_token \| lower \| -0\.2000 \| "
+                        r"\[-0\.2000, -0\.2000\] \| 0 1 2 \| 40 \| \*\*reproduced\*\* \|", _line(text, vs + " nll_better |"))
+    assert re.fullmatch(r"\| learned − uniform \| nll_same \| nll_per_token \| lower \| \+0\.0000 \| "
+                        r"\[\+0\.0000, \+0\.0000\] .*\*\*inconclusive\*\* \|", _line(text, vs + " nll_same |"))
+    assert _line(text, vs + " nll_noise |").endswith("| **inconclusive** |")
+    assert re.fullmatch(r"\| learned − uniform \| em_worse \| exact_match,extract \| higher \| -0\.3750 \| "
+                        r"\[-0\.\d+, -0\.\d+\] .*\*\*contradicted\*\* \|", _line(text, vs + " em_worse |"))
+    # The third arm is its own comparison: as good as learned on nll_better, so no difference there.
+    assert re.fullmatch(r"\| learned − uniform_real \| nll_better \| nll_per_token \| lower \| \+0\.0000 \| .*"
+                        r"\*\*inconclusive\*\* \|", _line(text, "| learned − uniform_real | nll_better |"))
+    assert _line(text, "| uniform_real | 0 1 2 |").count("±") == 4
     # Benchmarks: learned / uniform / base rows with mean ± std over the three fine-tuning seeds.
     assert _line(text, "| learned | 0 1 2 |").count("±") == 4 and _line(text, "| base | — |").count("2.0000") == 1
     # Weights beside the reported ones; Spearman of every pair of seeds; the control source against 1/k.

@@ -60,7 +60,8 @@ PRIMARY_METRICS = ["exact_match,extract", "exact_match,strict-match", "exact_mat
                    "acc_norm", "acc", "score", "nll_per_token", "bits_per_byte"]
 """The metric shown for a task: the first of these it has (else its alphabetically first non-stderr metric)."""
 LOWER_IS_BETTER = {"nll_per_token", "bits_per_byte", "token_perplexity", "word_perplexity", "byte_perplexity"}
-METHOD_ORDER = {"learned": 0, "uniform": 1, "base": 2}
+METHOD_ORDER = {"learned": 0, "uniform": 1, "uniform_real": 2, "base": 9}
+"""Row order of the methods; a method not listed (a new arm) sorts after these, by name."""
 RUN_DIR = re.compile(r"^(?P<method>.+)_seed(?P<seed>\d+)$")
 
 # method.md §6, from the paper's public summaries. "reported": not reproduced here.
@@ -81,7 +82,8 @@ CSV_FIELDS = ["kind", "origin", "preset", "model", "method", "item", "metric", "
 PROTOCOL_FIELDS = ["ci_lo", "ci_hi", "verdict"]
 PROTOCOL = "protocol"
 """The folder of the seeded protocol under the results root; the other folders are the small runs."""
-ARM_DIR = re.compile(r"^(?P<arm>learned|uniform)_ft(?P<seed>\d+)$")
+ARM_DIR = re.compile(r"^(?P<arm>[a-z][a-z0-9_]*?)_ft(?P<seed>\d+)$")
+"""An arm's folder: <method>_ft<fine-tuning seed>. Any method name: arms are data (protocol.ARMS)."""
 REWEIGHT_DIR = re.compile(r"^reweight_seed(?P<seed>\d+)$")
 BOOTSTRAP_ITERS, BOOTSTRAP_SEED = 2000, 0
 
@@ -281,27 +283,33 @@ def protocol_bench_rows(evals: dict, model: str) -> list[dict]:
         mean, std = _mean_std(values)
         rows.append({**_row("benchmark", model, arm, task, metric, mean, len(values), " ".join(map(str, seeds))),
                      "std": std})
-    rows.sort(key=lambda r: (METHOD_ORDER[r["method"]], r["item"]))
+    rows.sort(key=lambda r: (_method_key(r["method"]), r["item"]))
     return rows
 
 
 def protocol_differences(samples: dict, model: str) -> list[dict]:
-    """learned − uniform per task over the fine-tuning seeds present in both arms: the paired-bootstrap interval
-    and its verdict."""
-    pairs = sorted(seed for arm, seed in samples if arm == "learned" and ("uniform", seed) in samples)
-    if not pairs:
-        return []
-    ratios = task_ratios([samples[("learned", i)] for i in pairs] + [samples[("uniform", i)] for i in pairs])
-    n = len(pairs)
+    """learned − every other fine-tuned arm, per task, over the fine-tuning seeds present in both: the paired-bootstrap
+    interval and its verdict."""
+    others = sorted({arm for arm, seed in samples if arm not in ("learned", "base")}, key=_method_key)
     rows = []
-    for (task, metric), both in ratios.items():
-        learned, uniform = Ratio(both.num[:n], both.den[:n]), Ratio(both.num[n:], both.den[n:])
-        c = paired_bootstrap(learned, uniform, iters=BOOTSTRAP_ITERS, seed=BOOTSTRAP_SEED)
-        lower = metric.partition(",")[0] in LOWER_IS_BETTER
-        rows.append(_row("difference", model, "learned-uniform", task, metric, c.difference, n,
-                         " ".join(map(str, pairs)), ci_lo=c.lo, ci_hi=c.hi, verdict=verdict(c.lo, c.hi, lower),
-                         docs=c.docs, lower_is_better=lower))
+    for other in others:
+        pairs = sorted(seed for arm, seed in samples if arm == "learned" and (other, seed) in samples)
+        if not pairs:
+            continue
+        ratios = task_ratios([samples[("learned", i)] for i in pairs] + [samples[(other, i)] for i in pairs])
+        n = len(pairs)
+        for (task, metric), both in ratios.items():
+            learned, baseline = Ratio(both.num[:n], both.den[:n]), Ratio(both.num[n:], both.den[n:])
+            c = paired_bootstrap(learned, baseline, iters=BOOTSTRAP_ITERS, seed=BOOTSTRAP_SEED)
+            lower = metric.partition(",")[0] in LOWER_IS_BETTER
+            rows.append(_row("difference", model, f"learned-{other}", task, metric, c.difference, n,
+                             " ".join(map(str, pairs)), ci_lo=c.lo, ci_hi=c.hi, verdict=verdict(c.lo, c.hi, lower),
+                             docs=c.docs, lower_is_better=lower))
     return rows
+
+
+def _method_key(method: str) -> tuple[int, str]:
+    return METHOD_ORDER.get(method, 8), method
 
 
 def control_sources(weights: dict) -> list[str]:
@@ -356,7 +364,8 @@ def render_protocol(protocol: dict, label: str) -> str:
         return ""
     out = [f"## Protocol: `{label}` ({protocol['model']})\n",
            "learned_ft<i>: fine-tuned (seed i) on examples drawn by reweighting seed i's weights; uniform_ft<i>: the "
-           "same fine-tuning seed on a uniform draw; base: not fine-tuned.\n"]
+           "same fine-tuning seed on a uniform draw over all sources; uniform_real_ft<i>: a uniform draw over the "
+           "real sources (the control left out); base: not fine-tuned.\n"]
     bench = protocol["bench"]
     if bench:
         columns = sorted({(r["item"], r["metric"]) for r in bench})
@@ -364,7 +373,7 @@ def render_protocol(protocol: dict, label: str) -> str:
         header = ["method", "seeds"] + [f"{item} ({metric}{', lower is better' if metric in LOWER_IS_BETTER else ''})"
                                         for item, metric in columns]
         rows = []
-        for method in sorted({r["method"] for r in bench}, key=METHOD_ORDER.get):
+        for method in sorted({r["method"] for r in bench}, key=_method_key):
             seeds = sorted({s for r in bench if r["method"] == method for s in r["seeds"].split()}, key=int)
             rows.append([method, " ".join(seeds) or "—"] + [
                 _fmt(cells[(method, *c)]["mean"], cells[(method, *c)]["std"]) if (method, *c) in cells else "—"
@@ -372,15 +381,16 @@ def render_protocol(protocol: dict, label: str) -> str:
         out.append("### Benchmarks (mean ± sample std over fine-tuning seeds)\n")
         out.append(_md_table(header, rows))
     if protocol["differences"]:
-        out.append("\n### Learned − uniform: paired bootstrap, 95% interval\n")
+        out.append("\n### Learned − each other arm: paired bootstrap, 95% interval\n")
         out.append(f"Each of {BOOTSTRAP_ITERS} draws (generator seed {BOOTSTRAP_SEED}) resamples the fine-tuning "
                    "seed pairs and the evaluation documents (the same documents for both arms); the interval is the "
                    "2.5–97.5 percentile of the mean paired difference. reproduced: it excludes 0 on the side where "
                    "learned is better, as the paper claims; contradicted: it excludes 0 on the other side; "
                    "inconclusive: it contains 0.\n")
-        out.append(_md_table(["task", "metric", "better", "learned − uniform", "95% interval", "pairs", "documents",
-                              "verdict"],
-                             [[r["item"], r["metric"], "lower" if r["lower_is_better"] else "higher",
+        out.append(_md_table(["comparison", "task", "metric", "better", "difference", "95% interval", "pairs",
+                              "documents", "verdict"],
+                             [[r["method"].replace("-", " − "), r["item"], r["metric"],
+                               "lower" if r["lower_is_better"] else "higher",
                                _signed(r["mean"]), f"[{_signed(r['ci_lo'])}, {_signed(r['ci_hi'])}]", r["seeds"],
                                str(r["docs"]), f"**{r['verdict']}**"] for r in protocol["differences"]]))
     if protocol["weights"]:

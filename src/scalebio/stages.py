@@ -1,0 +1,269 @@
+"""One runner for every experiment driver: a campaign is a list of units, each of which declares what it needs, how
+to tell that it is finished, how to run it and what it publishes.
+
+    units = [Unit("reweight_seed0", run=..., done=..., publish=...), Unit("arm_x", needs=("reweight_seed0",), ...)]
+    Campaign("protocol", units, command=[python, "protocol.py", "--runs", DIR]).run(jobs=2)
+
+A unit is *done* when its finished work is under the runs folder (this machine's own work, never the committed
+results); ``run`` resumes by itself (reweighting from its checkpoint), so running a campaign again after a kill
+continues where it stopped. ``publish`` copies a finished unit's small files into ``results/`` at once;
+``publish_partial`` does the same for a unit still in flight (a reweighting seed's trajectory so far), so that each
+session can commit what it has. ``status()`` renders every unit as done / partial / to do / waiting, the hours left at
+the measured speeds, and the command that continues.
+
+``jobs > 1`` runs that many units at once, each in its own process (the driver's command with ``--only NAME``),
+which is how two one-thread streams share a 2-core machine; with ``jobs == 1`` units run in this process, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("scalebio.stages")
+
+
+@dataclass
+class Unit:
+    """One resumable piece of a campaign."""
+
+    name: str
+    run: Callable[[], object]
+    """Does (or continues) the work under the runs folder."""
+    done: Callable[[], bool]
+    """True when the finished work is under the runs folder."""
+    publish: Callable[[], None] | None = None
+    """Copies the finished unit's small files into the results folder."""
+    needs: tuple[str, ...] = ()
+    """Units that must be done before this one starts."""
+    kind: str = ""
+    """What the unit is (``reweight``, ``arm``, ``evaluate`` ...): the measured speed is per kind."""
+    estimate_s: float = 0.0
+    """Seconds the whole unit takes on one stream (for the hours left)."""
+    progress: Callable[[], tuple[int, int] | None] | None = None
+    """(completed steps, total steps) of a unit in flight, None when it has not started."""
+    publish_partial: Callable[[], None] | None = None
+    """Copies a unit in flight's small files into the results folder, marked partial."""
+    where: Path | None = None
+    """Its working folder (checkpoints live here)."""
+    check: Callable[[], None] | None = None
+    """Raises when the unit must not start (settings that differ from the campaign's, say)."""
+
+
+@dataclass
+class UnitState:
+    name: str
+    state: str  # done | partial | to do | waiting
+    detail: str = ""
+    left_s: float = 0.0
+
+
+class UnitFailed(RuntimeError):
+    """A unit's process exited with an error (its log names the cause)."""
+
+
+@dataclass
+class Campaign:
+    """A named list of units in a valid order (every unit after the units it needs)."""
+
+    name: str
+    units: list[Unit]
+    command: list[str] = field(default_factory=list)
+    """The command that re-runs this campaign's driver (``--only NAME`` is appended for one unit)."""
+    logs: Path | None = None
+    """Where each unit's process writes ``<name>.log`` when ``jobs > 1``."""
+
+    def __post_init__(self):
+        names = [u.name for u in self.units]
+        if len(set(names)) != len(names):
+            raise ValueError(f"campaign {self.name}: unit names repeat: {names}")
+        seen: set[str] = set()
+        for u in self.units:
+            missing = [n for n in u.needs if n not in seen]
+            if missing:
+                raise ValueError(f"campaign {self.name}: unit {u.name} needs {missing}, which are not listed before it")
+            seen.add(u.name)
+
+    def unit(self, name: str) -> Unit:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise KeyError(f"campaign {self.name} has no unit {name!r}; its units: {', '.join(u.name for u in self.units)}")
+
+    # ---- status -------------------------------------------------------------------------------------------
+
+    def states(self) -> list[UnitState]:
+        done = {u.name for u in self.units if u.done()}
+        out = []
+        for u in self.units:
+            if u.name in done:
+                out.append(UnitState(u.name, "done"))
+                continue
+            prog = u.progress() if u.progress else None
+            if prog and prog[0] > 0:
+                n, total = prog
+                out.append(UnitState(u.name, "partial", f"step {n} of {total}, checkpoint in {u.where}",
+                                     u.estimate_s * (1 - n / total)))
+            elif all(n in done for n in u.needs):
+                out.append(UnitState(u.name, "to do", "", u.estimate_s))
+            else:
+                out.append(UnitState(u.name, "waiting", "needs " + ", ".join(n for n in u.needs if n not in done),
+                                     u.estimate_s))
+        return out
+
+    def status(self, jobs: int = 2) -> str:
+        """A Markdown report: every unit's state, the hours left on ``jobs`` streams, the command that continues."""
+        states = self.states()
+        left = sum(s.left_s for s in states)
+        lines = [f"# Campaign `{self.name}`: status", "",
+                 f"Written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {socket.gethostname()}.", "",
+                 "| unit | state | detail | hours left (one stream) |", "|---|---|---|---|"]
+        for s in states:
+            lines.append(f"| {s.name} | {s.state} | {s.detail or '—'} | {s.left_s / 3600:.1f} |")
+        n_done = sum(s.state == "done" for s in states)
+        lines += ["", f"{n_done} of {len(states)} units done. Left: {left / 3600:.1f} stream-hours, about "
+                      f"{left / 3600 / max(1, jobs):.1f} h on {jobs} streams (at the measured speeds; a unit in flight "
+                      "counts its steps left).", ""]
+        if n_done < len(states) and self.command:
+            lines += ["Continue with:", "", "```", shlex.join([*self.command, "run", "--jobs", str(jobs)]), "```", ""]
+        return "\n".join(lines)
+
+    # ---- running ------------------------------------------------------------------------------------------
+
+    def _ready(self, pending: list[Unit], done: set[str], running: set[str]) -> Unit | None:
+        for u in pending:
+            if u.name not in running and all(n in done for n in u.needs):
+                return u
+        return None
+
+    def run(self, jobs: int = 1, only: list[str] | None = None, publish_every_s: float = 600.0) -> None:
+        """Run every unit that is not done (``only``: just these, in campaign order), ``jobs`` at a time; publish each
+        as it finishes. A unit whose ``needs`` are not done waits (or, with ``only``, is an error)."""
+        chosen = [u for u in self.units if only is None or u.name in only]
+        if only:
+            unknown = set(only) - {u.name for u in self.units}
+            if unknown:
+                raise KeyError(f"campaign {self.name} has no unit(s) {sorted(unknown)}")
+        done = {u.name for u in self.units if u.done()}
+        pending = [u for u in chosen if u.name not in done]
+        if only:
+            for u in pending:
+                blocked = [n for n in u.needs if n not in done and n not in only]
+                if blocked:
+                    raise RuntimeError(f"unit {u.name} needs {blocked}, which are not done: run them first")
+        for u in chosen:
+            if u.check:
+                u.check()  # refuse before anything starts, not halfway through the campaign
+        for u in chosen:
+            if u.name in done and u.publish:
+                u.publish()  # a unit finished earlier on this machine: make sure its results are in place
+        start, total, finished = time.time(), len(pending), 0
+
+        def report(what: str) -> None:
+            elapsed = time.time() - start
+            left = sum(u.estimate_s for u in pending) / max(1, min(jobs, len(pending))) if pending else 0.0
+            log.info("[%s %d/%d] %s (elapsed %.0f min, about %.1f h left)", self.name, finished, total, what,
+                     elapsed / 60, left / 3600)
+
+        if jobs <= 1:
+            while pending:
+                u = self._ready(pending, done, set())
+                if u is None:
+                    raise RuntimeError(f"units {[p.name for p in pending]} wait for units outside this run")
+                report(f"{u.name}: start")
+                u.run()
+                if not u.done():
+                    raise UnitFailed(f"unit {u.name} ran but is not done (see its log above)")
+                if u.publish:
+                    u.publish()
+                pending.remove(u)
+                done.add(u.name)
+                finished += 1
+                report(f"{u.name}: done")
+            return
+
+        if not self.command:
+            raise ValueError(f"campaign {self.name}: jobs > 1 needs the driver's command")
+        logs = self.logs or Path.cwd()
+        logs.mkdir(parents=True, exist_ok=True)
+        running: dict[str, subprocess.Popen] = {}
+        failed: list[str] = []
+        last_partial = time.time()
+        while pending or running:
+            while not failed and len(running) < jobs:
+                u = self._ready(pending, done, set(running))
+                if u is None:
+                    break
+                cmd = [*self.command, "run", "--only", u.name, "--jobs", "1"]
+                out = open(logs / f"{u.name}.log", "a")
+                report(f"{u.name}: start in its own process (log: {logs / (u.name + '.log')})")
+                running[u.name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+                out.close()
+            if not running:
+                if failed:
+                    break
+                raise RuntimeError(f"units {[p.name for p in pending]} wait for units outside this run")
+            time.sleep(2)
+            for name, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                u = self.unit(name)
+                pending.remove(u)
+                if proc.returncode == 0 and u.done():
+                    done.add(name)
+                    finished += 1
+                    report(f"{name}: done")
+                else:
+                    failed.append(name)
+                    report(f"{name}: FAILED (exit {proc.returncode}; log: {logs / (name + '.log')})")
+            if time.time() - last_partial > publish_every_s:
+                last_partial = time.time()
+                for name in running:
+                    u = self.unit(name)
+                    if u.publish_partial:
+                        u.publish_partial()
+        if failed:
+            raise UnitFailed(f"campaign {self.name}: unit(s) {failed} failed; see their logs in {logs}")
+
+
+def unit_record(name: str, started: float, extra: dict | None = None) -> dict:
+    """What a finished unit writes beside its results: when and where it ran, and the code revision."""
+    from .precision import cpu_bf16_flags
+    from .results import git_revision
+
+    return {"unit": name, "git_revision": git_revision(), "host": socket.gethostname(),
+            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_time_s": round(time.time() - started, 1), "cpu_bf16_flags": list(cpu_bf16_flags()), **(extra or {})}
+
+
+ABSENT = "<absent>"
+
+
+def settings_diff(recorded: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted name, recorded value, current value) of every setting that differs between two nested dicts; a key
+    on one side only gives ``ABSENT`` on the other."""
+    out = []
+    for key in sorted(set(recorded) | set(current), key=str):
+        name = f"{prefix}{key}"
+        a, b = recorded.get(key, ABSENT), current.get(key, ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_diff(a, b, name + ".")
+        elif a != b:
+            out.append((name, a, b))
+    return out
+
+
+def main_command(script: str | Path, *args: str) -> list[str]:
+    """``[python, script, *args]`` with this interpreter: how a campaign re-invokes its driver."""
+    return [sys.executable, str(script), *args]

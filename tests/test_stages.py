@@ -1,0 +1,210 @@
+"""scalebio.stages: the one runner of every experiment driver (order, skip what is done, publish, status, --jobs,
+settings refused when they differ from the campaign's)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import llama3_module
+from scalebio.stages import ABSENT, Campaign, Unit, UnitFailed, settings_diff
+
+
+def _file_unit(root: Path, name: str, needs=(), estimate_s=3600.0, log=None) -> Unit:
+    """A unit whose work is writing ``root/name``; it publishes a copy into ``root/published``."""
+    out = root / name
+
+    def run():
+        if log is not None:
+            log.append(name)
+        out.write_text(name)
+
+    def publish():
+        (root / "published").mkdir(exist_ok=True)
+        (root / "published" / name).write_text(out.read_text())
+
+    return Unit(name, run=run, done=out.is_file, publish=publish, needs=tuple(needs), estimate_s=estimate_s)
+
+
+def test_units_run_in_order_skip_what_is_done_and_publish(tmp_path):
+    ran: list[str] = []
+    units = [_file_unit(tmp_path, "a", log=ran), _file_unit(tmp_path, "b", ["a"], log=ran),
+             _file_unit(tmp_path, "c", ["a"], log=ran)]
+    (tmp_path / "b").write_text("b")  # finished earlier on this machine: not redone, but published
+    Campaign("t", units).run()
+    assert ran == ["a", "c"]
+    assert sorted(p.name for p in (tmp_path / "published").iterdir()) == ["a", "b", "c"]
+    Campaign("t", units).run()  # everything done: nothing runs
+    assert ran == ["a", "c"]
+
+
+def test_a_unit_that_does_not_finish_fails_and_order_is_checked(tmp_path):
+    broken = Unit("x", run=lambda: None, done=lambda: False)
+    with pytest.raises(UnitFailed, match="x"):
+        Campaign("t", [broken]).run()
+    with pytest.raises(ValueError, match="needs"):
+        Campaign("t", [_file_unit(tmp_path, "b", ["a"]), _file_unit(tmp_path, "a")])
+    with pytest.raises(RuntimeError, match="needs"):  # --only a unit whose needs are not done
+        Campaign("t", [_file_unit(tmp_path, "a"), _file_unit(tmp_path, "b", ["a"])]).run(only=["b"])
+
+
+def test_status_names_states_hours_left_and_the_command(tmp_path):
+    units = [_file_unit(tmp_path, "a", estimate_s=1800), _file_unit(tmp_path, "b", ["a"], estimate_s=7200),
+             _file_unit(tmp_path, "c", estimate_s=3600), _file_unit(tmp_path, "d", ["b"], estimate_s=3600)]
+    (tmp_path / "a").write_text("a")
+    units[1].progress = lambda: (15, 60)  # b is in flight: a quarter done
+    units[1].where = tmp_path / "ckpt"
+    text = Campaign("t", units, command=["python", "drive.py"]).status(jobs=2)
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| done |" in rows["a"] and "| to do |" in rows["c"]
+    assert "| partial | step 15 of 60, checkpoint in " + str(tmp_path / "ckpt") in rows["b"]
+    assert "| waiting | needs b |" in rows["d"]
+    # left: b's 3/4 of 2 h, c 1 h, d 1 h = 3.5 stream-hours, 1.75 h on two streams
+    assert "Left: 3.5 stream-hours, about 1.8 h on 2 streams" in text
+    assert "python drive.py run --jobs 2" in text
+
+
+def test_settings_diff_names_each_setting():
+    assert settings_diff({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 1, "c": 5}, "e": 4}) == [
+        ("a.c", 2, 5), ("d", 3, ABSENT), ("e", ABSENT, 4)]
+
+
+DRIVER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {src!r})
+from scalebio.stages import Campaign, Unit
+
+root = Path({root!r})
+
+def unit(name, needs=()):
+    def run():
+        (root / (name + ".start")).write_text(repr(time.time()))
+        time.sleep(1.5)
+        (root / name).write_text(repr(time.time()))
+    return Unit(name, run=run, done=(root / name).is_file, needs=needs)
+
+campaign = Campaign("t", [unit("a"), unit("b"), unit("c", ("a", "b"))], command=[sys.executable, __file__],
+                    logs=root / "logs")
+args = sys.argv[1:]
+only = args[args.index("--only") + 1:args.index("--jobs")] if "--only" in args else None
+campaign.run(jobs=int(args[args.index("--jobs") + 1]), only=only)
+"""
+
+
+@pytest.mark.slow
+def test_two_jobs_run_two_units_at_once_in_their_own_processes(tmp_path):
+    import subprocess
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    script = tmp_path / "drive.py"
+    script.write_text(textwrap.dedent(DRIVER.format(src=src, root=str(tmp_path))))
+    subprocess.run([sys.executable, str(script), "run", "--jobs", "2"], check=True, timeout=120)
+    span = {n: (float((tmp_path / f"{n}.start").read_text()), float((tmp_path / n).read_text())) for n in "abc"}
+    assert span["a"][0] < span["b"][1] and span["b"][0] < span["a"][1]  # a and b overlapped
+    assert span["c"][0] >= max(span["a"][1], span["b"][1])  # c waited for both
+    assert {p.name for p in (tmp_path / "logs").iterdir()} == {"a.log", "b.log", "c.log"}
+
+
+def test_protocol_refuses_a_unit_with_other_settings(tmp_path, caplog):
+    protocol = llama3_module("protocol")
+    p = protocol.Protocol(smoke=True, runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+    p.check_settings()  # the campaign starts: its settings are recorded
+    record = json.loads((tmp_path / "results" / "campaign.json").read_text())
+    assert record["settings"]["reweight"]["precision"] == "fp32" and record["settings"]["n"] == protocol.SMOKE["n"]
+    assert "seed" not in record["settings"]["reweight"] and "threads" not in record["settings"]["finetune"]
+    p.check_settings()  # the same settings: accepted
+    # The thread count is not a campaign setting; another learning rate is.
+    protocol.Protocol(smoke=True, runs_root=tmp_path / "runs", results_root=tmp_path / "results",
+                      threads=2).check_settings()
+    record["settings"]["reweight"]["solver"]["lr_lambda"] = 0.1
+    record["settings"]["arms"].pop("uniform_real")
+    (tmp_path / "results" / "campaign.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match=r"reweight\.solver\.lr_lambda: 0\.1 in the campaign, 0\.05 now") as e:
+        p.check_settings()
+    assert "arms.uniform_real" in str(e.value)
+    # A field the campaign's record lacks (added to the code since) is named in a warning, not refused.
+    record["settings"]["reweight"]["solver"]["lr_lambda"] = 0.05
+    record["settings"]["arms"] = protocol.ARMS
+    del record["settings"]["reweight"]["solver"]["tau"]
+    (tmp_path / "results" / "campaign.json").write_text(json.dumps(record))
+    p.check_settings()
+    assert "reweight.solver.tau" in caplog.text
+
+
+def test_protocol_units_and_status(tmp_path):
+    protocol = llama3_module("protocol")
+    p = protocol.Protocol(smoke=True, runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+    campaign = p.campaign()
+    names = [u.name for u in campaign.units]
+    assert names[:5] == ["pool", "reweight_seed0", "reweight_seed1", "reweight_seed2", "base"]
+    assert names[5:] == [f"{arm}_ft{i}" for i in range(3) for arm in ("learned", "uniform", "uniform_real")]
+    assert campaign.unit("learned_ft1").needs == ("pool", "reweight_seed1")
+    assert campaign.unit("uniform_real_ft1").needs == ("pool",)
+    # A reweighting seed in flight: its logged steps against the preset's.
+    run_dir = tmp_path / "runs" / "reweight_seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(2)))
+    status = campaign.status()
+    assert "| reweight_seed0 | partial | step 2 of 3, checkpoint in " + str(run_dir / "checkpoints") in status
+    assert "| learned_ft0 | waiting | needs pool, reweight_seed0 |" in status
+    assert "run --jobs 2" in status and "--runs " + str(tmp_path / "runs") in status
+
+
+def test_a_finished_reweighting_seed_stays_finished_when_its_pool_moves(tmp_path):
+    """The campaign continues on another machine or folder: a seed whose config.yaml equals the preset but for the
+    pool's path and the thread count is done; one with another learning rate is not."""
+    import yaml
+
+    from scalebio.config import to_dict
+
+    protocol = llama3_module("protocol")
+    p = protocol.Protocol(smoke=True, runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+    cfg = p.reweight_config(0)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True)
+    assert not p.reweight_done(run_dir, cfg)
+    saved = to_dict(cfg)
+    saved["data"]["root"], saved["threads"] = "/elsewhere/protocol_pool", 7
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    (run_dir / "weights.json").write_text("{}")
+    assert p.reweight_done(run_dir, cfg)
+    saved["solver"]["lr_lambda"] = 0.5
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert not p.reweight_done(run_dir, cfg)
+
+
+def test_fingerprints_compare_within_the_cross_cpu_tolerance():
+    protocol = llama3_module("protocol")
+    a = {"weights": {"x": 0.5, "y": 0.5}, "finetune_losses": [2.0, 1.5], "sha256": {}}
+    assert protocol.fingerprint_differs(a, a) == ""
+    last_bits = {"weights": {"x": 0.5 * (1 + 1e-7), "y": 0.5}, "finetune_losses": [2.0, 1.5 * (1 - 1e-7)]}
+    assert protocol.fingerprint_differs(a, last_bits) == ""
+    moved = {"weights": {"x": 0.5001, "y": 0.4999}, "finetune_losses": [2.0, 1.5]}
+    assert "weight of x" in protocol.fingerprint_differs(a, moved)
+    assert "fine-tuning loss 1" in protocol.fingerprint_differs(a, {**a, "finetune_losses": [2.0, 1.49]})
+
+
+@pytest.mark.slow
+def test_the_fingerprint_catches_a_change_in_what_the_code_computes(tmp_path, monkeypatch):
+    """A campaign refuses code whose numbers moved: the toy-size fingerprint of the protocol's code path is the same
+    when run twice, and differs when the learning-rate schedule changes by 1%."""
+    import scalebio.solver as solver
+
+    protocol = llama3_module("protocol")
+    pool = tmp_path / "pool"
+    build_pool = llama3_module("build_pool")
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not shared.is_dir():
+        pytest.skip("../shared/data not present")
+    build_pool.build(shared, pool, per_source=24, control=8, stand_ins=False)
+    first = protocol.fingerprint(pool)
+    assert protocol.fingerprint_differs(first, protocol.fingerprint(pool)) == ""
+    shape = solver.lr_shape
+    monkeypatch.setattr(solver, "lr_shape", lambda *a, **k: 1.01 * shape(*a, **k))
+    assert protocol.fingerprint_differs(first, protocol.fingerprint(pool))
