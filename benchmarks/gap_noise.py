@@ -23,7 +23,7 @@ too (one thread, on whatever else the machine runs: see ``shared_machine``).
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 import json
 import logging
 import math
@@ -74,28 +74,28 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp(min=1e-300))
 
 
-def measure_point(template: torch.nn.Module, state: dict, batches: list[dict], k: int) -> dict:
-    """Gaps and λ gradients of every mode on ``batches`` at the point ``state`` (the solver's state dict)."""
+def measure_point(model: torch.nn.Module, state: dict, batches: list[dict], k: int) -> dict:
+    """Gaps and λ gradients of every mode on ``batches`` at the point ``state`` (the solver's state dict). One
+    model object holds u, then w (loaded in turn, cast to fp64 and back in place): one copy in memory at a time."""
     objective = CausalLMObjective()
     lam, alpha = state["lam"].double(), float(state["alpha"])
-    models = {}
-    for name in ("u", "w"):
-        model = copy.deepcopy(template)
-        model.load_state_dict(state[name])
-        models[name] = model.float().train()
-    gaps = {mode: [] for mode in MODES}
+    means = {mode: {} for mode in MODES}
     seconds = {mode: [] for mode in MODES}
-    for mode in MODES:
-        cast = {name: (m.double() if mode == "fp64" else m) for name, m in models.items()}
-        for batch in batches:
-            start = time.perf_counter()
-            with mode_context(mode):
-                means = {name: source_means(m, batch, k, objective) for name, m in cast.items()}
-            seconds[mode].append((time.perf_counter() - start) / 2)
-            gaps[mode].append(means["w"] - means["u"])
-        if mode == "fp64":
-            for m in models.values():
-                m.float()
+    model.train()
+    for name in ("u", "w"):
+        model.float().load_state_dict(state[name])
+        for mode in MODES:
+            if mode == "fp64":
+                model.double()
+            out = []
+            for batch in batches:
+                start = time.perf_counter()
+                with mode_context(mode):
+                    out.append(source_means(model, batch, k, objective))
+                seconds[mode].append(time.perf_counter() - start)
+            means[mode][name] = out
+            model.float()
+    gaps = {mode: [w - u for w, u in zip(means[mode]["w"], means[mode]["u"])] for mode in MODES}
     rows = {}
     for row, mode in ROWS.items():
         errors, cosines = [], []
@@ -119,21 +119,51 @@ def measure_point(template: torch.nn.Module, state: dict, batches: list[dict], k
     }
 
 
-def draw_batches(rw, n: int) -> list[dict]:
-    """The first ``n`` training micro-batches the run's sampler draws from its current state."""
-    out = []
-    while len(out) < n:
-        train, _ = rw._draw()
-        out += train
-    return out[:n]
+def draw_batches(rw, n: int, size: int) -> list[dict]:
+    """``n`` batches of ``size`` training examples, from the global batches the run's sampler draws next (its
+    seed, its state after step 0), regrouped so that each batch holds the sources in turn (a stratified global
+    batch lists them source by source: cut as it is, a batch would hold one or a few sources only)."""
+    from itertools import chain, zip_longest
+
+    from scalebio import data as data_mod
+
+    picks = []
+    while len(picks) < n * size:
+        drawn = rw.train_sampler.next_batch()
+        rw.val_sampler.next_batch()  # V is drawn with every B in the run
+        by_source = [[p for p in drawn if p[0] == s] for s in range(len(rw.sources))]
+        picks += [p for p in chain.from_iterable(zip_longest(*by_source)) if p is not None]
+    examples = [rw.sources[s].examples[i] for s, i in picks[:n * size]]
+    return data_mod.micro_batches(examples, size, rw.pad_id, rw.device)
+
+
+def batches_digest(batches: list[dict]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for b in batches:
+        for key in ("input_ids", "labels", "source"):
+            h.update(b[key].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def run(config: str | None, overrides: list[str], checkpoints: dict[str, str], batches: int, threads: int,
-        smoke: bool = False) -> dict:
+        smoke: bool = False, reuse: dict | None = None, step1_overrides: tuple[str, ...] = (),
+        micro_batch: int | None = None, step1: bool = True) -> dict:
     """``checkpoints``: label → path of a reweighting checkpoint of this config (missing files are reported and
-    skipped). ``smoke``: a tiny random Llama on generated data, its own 3-step run's checkpoint as the point."""
+    skipped). ``smoke``: a tiny random Llama on generated data, its own 3-step run's checkpoint as the point.
+    ``reuse``: the results of an earlier run on the same batches (checked by digest): its points are kept, not
+    recomputed (a protocol run writes its step-30 checkpoint long after its step-10 one). ``step1_overrides``:
+    config overrides of the step-1 run that change its memory, not its result (gradient checkpointing, smaller
+    micro-batches); ``micro_batch``: the size of the measured batches (default: the config's). ``step1``: compute
+    the step-1 point (one fp32 step of the preset: about as much CPU as two checkpoint points)."""
     from scalebio.reweight import Reweighting
 
+    if not smoke:  # on a machine shared with long runs, this process is the one the OOM killer should pick
+        try:
+            Path("/proc/self/oom_score_adj").write_text("1000")
+        except OSError:
+            pass
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -146,28 +176,44 @@ def run(config: str | None, overrides: list[str], checkpoints: dict[str, str], b
                                               "solver.steps=3", "checkpoint_every=3"])
                 Reweighting(ckpt_cfg).run_loop(progress=False)
                 checkpoints = {"step 3": str(Path(tmp) / "run" / "checkpoints" / "step_0000003.pt")}
-            cfg = load_config(path, [*overrides, f"run_dir={Path(tmp) / 'step1'}", "resume=false", "precision=fp32",
-                                     f"threads={threads}"])
+            cfg = load_config(path, [*overrides, *step1_overrides, f"run_dir={Path(tmp) / 'step1'}", "resume=false",
+                                     "precision=fp32", f"threads={threads}"])
+            kept = dict((reuse or {}).get("points", {}))
             start = time.perf_counter()
             rw = Reweighting(cfg)
-            rw.run_loop(stop_after=1, progress=False)  # the preset's first step, fp32, its seed
-            step1_seconds = time.perf_counter() - start
+            states, step1_seconds = {}, (reuse or {}).get("step1_fp32_seconds")
+            if "step 1" in kept or not step1:
+                rw._draw()  # step 0's B and V, as the run draws them
+            else:
+                rw.run_loop(stop_after=1, progress=False)  # the preset's first step, fp32, its seed
+                step1_seconds = time.perf_counter() - start
+                states["step 1"] = str(rw.run.latest_checkpoint())
             k, names = len(rw.names), rw.names
-            eval_batches = draw_batches(rw, batches)
-            template = copy.deepcopy(rw.solver.w).float()
-            states = {"step 1": torch.load(rw.run.latest_checkpoint(), map_location="cpu", weights_only=False)}
-            skipped = {}
+            eval_batches = draw_batches(rw, batches, micro_batch or rw.cfg.solver.micro_batch)
+            digest = batches_digest(eval_batches)
+            if kept and reuse["batches"].get("sha256") != digest:
+                raise ValueError(f"reuse: its batches (sha256 {reuse['batches'].get('sha256')}) are not these ({digest})")
+            model = rw.solver.w  # one model object for every point (measure_point loads u and w into it)
+            del rw
+            gc.collect()
+            skipped = {} if step1 or "step 1" in kept else {"step 1": "not requested (--no-step1)"}
             for label, ckpt in checkpoints.items():
+                if label in kept:
+                    continue
                 file = Path(ckpt).expanduser()
                 if not file.is_file():
                     skipped[label] = f"{ckpt}: not found"
                     continue
-                states[label] = torch.load(file, map_location="cpu", weights_only=False)
-            points = {}
-            for label, state in tqdm(states.items(), desc="gap noise", leave=False):
-                log.info("gap noise: %s", label)
+                states[label] = str(file)
+            points = dict(kept)
+            for label, file in tqdm(states.items(), desc="gap noise", leave=False):
+                log.info("gap noise: %s (%s)", label, file)
+                # mmap: the optimizer moments in the checkpoint are never read into memory
+                state = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
                 points[label] = {"step": int(state["step"]), "config_digest": state.get("config_digest"),
-                                 **measure_point(template, state["solver"], eval_batches, k)}
+                                 **measure_point(model, state["solver"], eval_batches, k)}
+                del state
+                gc.collect()
     finally:
         torch.set_num_threads(before)
     return {
@@ -177,8 +223,10 @@ def run(config: str | None, overrides: list[str], checkpoints: dict[str, str], b
         "batches": {"count": len(eval_batches), "examples": [int(b["input_ids"].size(0)) for b in eval_batches],
                     "tokens": [int(b["attention_mask"].sum()) for b in eval_batches],
                     "per_source": [[int((b["source"] == i).sum()) for i in range(k)] for b in eval_batches],
-                    "drawn": "the preset's training sampler after step 0 (its seed), in order"},
-        "points": points,
+                    "sha256": digest,
+                    "drawn": "the preset's training sampler after step 0 (its seed), sources in turn"},
+        "points": dict(sorted(points.items(), key=lambda item: item[1]["step"])),
+        "reused": sorted(kept),
         "skipped": skipped,
         "cosine_target": COSINE_TARGET,
         "step1_fp32_seconds": step1_seconds,
@@ -262,20 +310,24 @@ def main(argv: list[str] | None = None) -> Path:
                         help="a reweighting checkpoint of the preset to measure at (default: FULL's)")
     parser.add_argument("--batches", type=int, default=FULL["gap_noise"]["batches"])
     parser.add_argument("--table", action="store_true", help="print the README table of OUT/gap_noise.json and stop")
+    parser.add_argument("--reuse", action="store_true", help="keep the points of OUT/gap_noise.json (same batches)")
+    parser.add_argument("--no-step1", dest="step1", action="store_false", help="skip the computed step-1 point")
     args = parser.parse_args(argv)
     if args.table:
         print("\n".join(table_lines(Path(args.out))))  # noqa: T201 (the command's output)
         return Path(args.out) / "gap_noise.json"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = dict(FULL["gap_noise"], batches=args.batches)
+    settings = dict(FULL["gap_noise"], batches=args.batches, step1=args.step1)
     if args.checkpoint:
         settings["checkpoints"] = dict(item.split("=", 1) for item in args.checkpoint)
+    path = Path(args.out) / "gap_noise.json"
+    earlier = json.loads(path.read_text()) if args.reuse and path.is_file() else None
     start = time.perf_counter()
-    results = run(**settings)
+    results = run(**settings, reuse=earlier["results"] if earlier else None)
     record = {"schema": SCHEMA, "benchmark": "gap_noise", "mode": "full", "machine": machine_info(),
               "torch": torch.__version__, "threads": settings["threads"], "device": "cpu", "settings": settings,
-              "results": results, "wall_seconds": time.perf_counter() - start}
-    path = Path(args.out) / "gap_noise.json"
+              "results": results,
+              "wall_seconds": time.perf_counter() - start + (earlier["wall_seconds"] if earlier else 0.0)}
     write_json(path, record)
     return path
 

@@ -10,6 +10,8 @@ Per thread count (``torch.set_num_threads``), in one process, interleaved repeti
   sft_<p>                 AdamW on one full copy, forward under autocast(<p>) (fp32: no autocast)
   scalebio_<p>            the library's ScaleBiO step with LISA (γ active blocks per copy), one w pass (the default)
   scalebio_two_pass_<p>   the same solver with ``solver.fused_w = False`` (w on V, then w on B)
+  scalebio_bf16_gap_compute  bf16 with λ's losses from the bf16 passes (``solver.gap_precision: compute``, the
+                          behaviour before issue 18): scalebio_bf16 ÷ this is the price of the 2 fp32 forwards
   eval_<p>                forward only, no gradients, full logits and log-softmax (how lm-eval scores)
 All variants share one SFT model and one solver (u, w, λ and one LISA draw), whose precision and w passes are
 set per call: every variant runs on the same weights and the same active blocks. Warm-up: one call of every
@@ -127,9 +129,10 @@ class Bench:
         self.sft.compute_dtype = dtype
         self.sft.step(train)
 
-    def scalebio_step(self, train: list[dict], val: list[dict], dtype: torch.dtype, fused: bool) -> None:
+    def scalebio_step(self, train: list[dict], val: list[dict], dtype: torch.dtype, fused: bool,
+                      gap: str = "fp32") -> None:
         self.solver.compute_dtype = dtype
-        self.solver.cfg = replace(self.cfg, fused_w=fused)
+        self.solver.cfg = replace(self.cfg, fused_w=fused, gap_precision=gap)
         self.solver.step(train, val)
 
     @torch.no_grad()
@@ -155,6 +158,8 @@ class Bench:
             out[f"scalebio_{name}"] = lambda d=d: self.scalebio_step(train, val, d, fused=True)
             if two_pass:
                 out[f"scalebio_two_pass_{name}"] = lambda d=d: self.scalebio_step(train, val, d, fused=False)
+            if name == "bf16":
+                out["scalebio_bf16_gap_compute"] = lambda d=d: self.scalebio_step(train, val, d, fused=True, gap="compute")
             out[f"eval_{name}"] = lambda d=d: self.score(val[0], d)
         return {name: (lambda fn: lambda: (fn(), sync(self.device)))(fn) for name, fn in out.items()}
 
@@ -207,6 +212,8 @@ def keys(sections: dict, peak: dict, parameters: int) -> dict:
         "mfu_sft_fp32": mfu(full, "sft_fp32", peak["fp32"]["gflops"], parameters),
         "scalebio_over_sft_fp32_lisa": paired(full, "scalebio_fp32", "sft_fp32"),
         "eval_bf16_over_fp32": paired(low, "eval_bf16", "eval_fp32"),
+        # The 2 fp32 forwards that give λ its losses under bf16 (issue 18), as a factor on the bf16 step.
+        "scalebio_bf16_fp32_gap_over_bf16_gap": paired(low, "scalebio_bf16", "scalebio_bf16_gap_compute"),
     }
     out["eval_tokens_per_s"] = {
         name: {"median": sec["val_tokens"] / sec["variants"][f"eval_{name}"]["median_s"], "shape": sec["shape"]}

@@ -47,9 +47,12 @@ FULL = {
     # The Table 1 protocol preset (its pool: experiments/llama3/build_pool.py --control 600 --no-stand-ins). A protocol
     # run keeps only its newest checkpoint: copy (or link) its step-10 and step-30 checkpoints to these paths first;
     # a missing one is skipped and reported. Step 1 is computed. ~25 min of one CPU thread at 5 batches.
+    # Step 1 runs with gradient checkpointing and micro-batches of 8 (the same step, a third of the memory); the
+    # measured batches hold 12 of the preset's training examples, 2 per source (fp64 forwards dominate the cost).
     "gap_noise": dict(config="experiments/llama3/protocol_smollm2.yaml", overrides=[], batches=5, threads=1,
                       checkpoints={"step 10": "runs/gap_noise/seed0_step_0000010.pt",
-                                   "step 30": "runs/gap_noise/seed0_step_0000030.pt"}),
+                                   "step 30": "runs/gap_noise/seed0_step_0000030.pt"},
+                      step1_overrides=["model.gradient_checkpointing=true", "solver.micro_batch=8"], micro_batch=12),
 }
 # On a CUDA device (gpu_check.sh): full shapes, more repetitions, a large square matmul for the peak too.
 CUDA = {

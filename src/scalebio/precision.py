@@ -153,6 +153,7 @@ def record(choice: str, dtype: torch.dtype, device: torch.device, gap_precision:
         out["gap_losses"] = {
             "fp32": "fp32 forwards on B without gradients (2 per step), TF32 off",
             "compute": "from the bf16 passes (solver.gap_precision: compute, pre-issue-18 behaviour)",
-            None: "fp32 forwards on B without gradients unless the run's config.yaml has solver.gap_precision: compute",
+            None: "reweighting: fp32 forwards on B without gradients unless config.yaml has solver.gap_precision: "
+                  "compute; fine-tuning and evaluation have no gap",
         }[gap_precision]
     return out
