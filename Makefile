@@ -43,8 +43,8 @@ gpt2-denoising-multilingual:
 gpt2-instruction-following:
 	$(BIN)/python experiments/gpt2/pipeline.py instruction_following
 
-reproduce-llama3-offline: setup ## Table 1's protocol on SmolLM2-135M with a control source: pool → reweight (3 seeds) → resample → fine-tune (2 arms × 3 seeds) → lm-eval → Table 1; resumes after a kill (hours: see experiments/llama3/README.md)
-	$(BIN)/python experiments/llama3/protocol.py
+reproduce-llama3-offline: setup ## Table 1's protocol on SmolLM2-135M with a control source, every unit recomputed: pool → reweight (3 seeds) → resample → fine-tune (3 arms × 3 seeds) → lm-eval → Table 1; resumes after a kill (≈ 16 stream-hours: experiments/llama3/README.md)
+	$(BIN)/python experiments/llama3/protocol.py run --recompute --jobs 2
 
 reproduce-llama3-small: setup ## the earlier small offline preset (40 steps, one reweighting seed, 2 fine-tuning seeds; about 70 min on 2 cores)
 	$(BIN)/python experiments/llama3/offline.py

@@ -58,3 +58,15 @@ def test_variants_keep_their_own_folders(capsys):
     with pytest.raises(SystemExit):
         pilot.main(["summarise", "--set", "lisa.shared=true"])
     assert "--set needs --tag" in capsys.readouterr().err
+
+
+def test_pilot_runs_one_unit_per_seed_and_its_processes_get_the_variant(tmp_path):
+    """pilot.py run is a campaign of one reweighting unit per seed; the command each unit's process gets carries
+    the variant's overrides (the runner appends --only/--jobs after them)."""
+    pilot = llama3_module("pilot")
+    c = pilot.campaign([0, 1], 3, ["lisa.shared=true", "solver.global_batch=48"], tmp_path, "shared8")
+    assert [u.name for u in c.units] == ["seed0", "seed1"]
+    args = pilot.arg_parser().parse_args(c.command[2:] + ["--only", "seed1", "--jobs", "1"])
+    assert (args.action, args.steps, args.seeds, args.tag) == ("run", 3, [0, 1], "shared8")
+    assert args.overrides == ["lisa.shared=true", "solver.global_batch=48"] and args.only == ["seed1"]
+    assert not c.unit("seed0").done() and c.unit("seed0").progress() == (0, 3)

@@ -59,7 +59,7 @@ def test_status_names_states_hours_left_and_the_command(tmp_path):
     (tmp_path / "a").write_text("a")
     units[1].progress = lambda: (15, 60)  # b is in flight: a quarter done
     units[1].where = tmp_path / "ckpt"
-    text = Campaign("t", units, command=["python", "drive.py"]).status(jobs=2)
+    text = Campaign("t", units, command=["python", "drive.py", "run"]).status(jobs=2)
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "| done |" in rows["a"] and "| to do |" in rows["c"]
     assert "| partial | step 15 of 60, checkpoint in " + str(tmp_path / "ckpt") in rows["b"]
@@ -89,7 +89,7 @@ def unit(name, needs=()):
         (root / name).write_text(repr(time.time()))
     return Unit(name, run=run, done=(root / name).is_file, needs=needs)
 
-campaign = Campaign("t", [unit("a"), unit("b"), unit("c", ("a", "b"))], command=[sys.executable, __file__],
+campaign = Campaign("t", [unit("a"), unit("b"), unit("c", ("a", "b"))], command=[sys.executable, __file__, "run"],
                     logs=root / "logs")
 args = sys.argv[1:]
 only = args[args.index("--only") + 1:args.index("--jobs")] if "--only" in args else None
@@ -153,7 +153,7 @@ def test_protocol_units_and_status(tmp_path):
     status = campaign.status()
     assert "| reweight_seed0 | partial | step 2 of 3, checkpoint in " + str(run_dir / "checkpoints") in status
     assert "| learned_ft0 | waiting | needs pool, reweight_seed0 |" in status
-    assert "run --jobs 2" in status and "--runs " + str(tmp_path / "runs") in status
+    assert " run --runs " + str(tmp_path / "runs") in status and status.rstrip("`\n").endswith("--smoke --jobs 2")
 
 
 def test_a_finished_reweighting_seed_stays_finished_when_its_pool_moves(tmp_path):

@@ -20,7 +20,6 @@ import logging
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -35,6 +34,7 @@ from scalebio.resample import pool_from_run, resample  # noqa: E402
 from scalebio.results import copy_retrain_results, copy_run_results  # noqa: E402
 from scalebio.reproduce import arm_finished, prune, reweight_finished  # noqa: E402
 from scalebio.reweight import run_reweight  # noqa: E402
+from scalebio.stages import Campaign, Unit  # noqa: E402
 
 log = logging.getLogger("gpt2.pipeline")
 
@@ -84,65 +84,69 @@ def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Pat
              results_root: Path | None = None) -> Path:
     """Recompute every stage of one experiment and write its results over ``results_root``.
 
-    A stage is skipped only when ``runs_root`` holds its finished output (this checkout's own work), never
-    because results are committed: in a fresh clone every stage runs. Returns ``results_root``.
+    The stages are units of one campaign (scalebio.stages): the data of each variant, a reweighting run per variant
+    and seed, a retrain arm per variant, seed and method, run in that order. A unit is skipped only when
+    ``runs_root`` holds its finished output (this checkout's own work), never because results are committed: in a
+    fresh clone every unit runs. Returns ``results_root``.
     """
     plan = load_plan(task, preset, smoke)
     runs_root = runs_root or REPO / "runs" / "gpt2" / task / ("smoke" if smoke else "")
     results_root = results_root or (runs_root / "results" if smoke else REPO / "results" / "gpt2" / task)
     data_root = (runs_root / "data") if smoke else REPO / "data" / "gpt2"
-    stages = [(v, s) for v in plan["variants"] for s in plan["seeds"]]
-    retrains = [(v, s, m) for v in plan["variants"] for s in plan["retrain"]["seeds"] for m in ("learned", "uniform")]
-    t_start, done, skipped, total = time.time(), 0, 0, len(stages) + len(retrains)
     written: set[Path] = set()
+    units: list[Unit] = []
 
-    def progress(what: str) -> None:
-        elapsed, ran = time.time() - t_start, done - skipped
-        left = f"about {elapsed / ran * (total - done):.0f} s left" if ran else "estimate after the first stage"
-        log.info("[%s %d/%d] %s (elapsed %.0f s, %s)", task, done, total, what, elapsed, left)
+    for variant in plan["variants"]:
+        data_dir = data_root / variant.get("data", task)
+        if not any(u.name == f"data {data_dir.name}" for u in units):
+            units.append(Unit(f"data {data_dir.name}", run=lambda v=variant, d=data_dir: build_data(plan, v, d, smoke),
+                              done=(data_dir / "manifest.json").is_file, kind="data"))
 
-    for variant, seed in stages:
+    def reweight_unit(variant: dict, seed: int) -> Unit:
         name = variant["name"]
         data_dir = data_root / variant.get("data", task)
-        build_data(plan, variant, data_dir, smoke)
         run_dir = runs_root / name / f"reweight_seed{seed}"
         out = results_root / name / f"reweight_seed{seed}"
-        overrides = [f"seed={seed}", f"run_dir={run_dir}", f"data.root={data_dir}",
-                     *variant.get("overrides", []), *plan.get("overrides", [])]
-        cfg = load_config(plan["config"], overrides)
-        if reweight_finished(run_dir, cfg):
-            progress(f"reweight {name} seed {seed}: finished earlier in {run_dir.relative_to(runs_root)}")
-            skipped += 1
-        else:
-            progress(f"reweight {name} seed {seed}")
-            run_reweight(cfg, progress=sys.stderr.isatty())
-        shutil.rmtree(out, ignore_errors=True)
-        copy_run_results(run_dir, out, REPO)
-        written.add(out)
-        done += 1
+        cfg = load_config(plan["config"], [f"seed={seed}", f"run_dir={run_dir}", f"data.root={data_dir}",
+                                           *variant.get("overrides", []), *plan.get("overrides", [])])
 
-    for variant, seed, method in retrains:
+        def publish():
+            shutil.rmtree(out, ignore_errors=True)
+            copy_run_results(run_dir, out, REPO)
+            written.add(out)
+
+        return Unit(f"reweight {name} seed {seed}", run=lambda: run_reweight(cfg, progress=sys.stderr.isatty()),
+                    done=lambda: reweight_finished(run_dir, cfg), publish=publish, needs=(f"data {data_dir.name}",),
+                    kind="reweight", where=run_dir)
+
+    def retrain_unit(variant: dict, seed: int, method: str) -> Unit:
         name = variant["name"]
         data_dir = data_root / variant.get("data", task)
-        weights_seed = seed % len(plan["seeds"])
-        run_dir = runs_root / name / f"reweight_seed{plan['seeds'][weights_seed]}"
+        rw_seed = plan["seeds"][seed % len(plan["seeds"])]
+        run_dir = runs_root / name / f"reweight_seed{rw_seed}"
         out = results_root / name / "retrain" / f"{method}_seed{seed}"
         work = runs_root / name / "retrain" / f"{method}_seed{seed}"
         weights = run_dir / "weights.json"
-        manifest = arm_finished(work, None if method == "uniform" else weights, run_weights=weights)
-        if manifest is not None:
-            progress(f"retrain {name} {method} seed {seed}: finished earlier in {work.relative_to(runs_root)}")
-            skipped += 1
-        else:
-            progress(f"retrain {name} {method} seed {seed}")
-            manifest = retrain_arm(plan, variant, seed, method, run_dir, data_dir, work)
-        shutil.rmtree(out, ignore_errors=True)
-        copy_retrain_results(work, out, manifest, REPO)
-        written.add(out)
-        done += 1
+
+        def finished():
+            return arm_finished(work, None if method == "uniform" else weights, run_weights=weights)
+
+        def publish():
+            shutil.rmtree(out, ignore_errors=True)
+            copy_retrain_results(work, out, finished(), REPO)
+            written.add(out)
+
+        return Unit(f"retrain {name} {method} seed {seed}",
+                    run=lambda: retrain_arm(plan, variant, seed, method, run_dir, data_dir, work),
+                    done=lambda: finished() is not None, publish=publish,
+                    needs=(f"reweight {name} seed {rw_seed}",), kind="retrain", where=work)
+
+    units += [reweight_unit(v, s) for v in plan["variants"] for s in plan["seeds"]]
+    units += [retrain_unit(v, s, m) for v in plan["variants"] for s in plan["retrain"]["seeds"]
+              for m in ("learned", "uniform")]
+    Campaign(task, units).run()
     for path in prune(results_root, written):
         log.info("removed %s: not produced by this run", path.relative_to(results_root))
-    progress(f"done: {total - skipped} stages computed, {skipped} finished earlier under {runs_root}")
     return results_root
 
 

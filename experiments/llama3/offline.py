@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,6 +41,7 @@ from scalebio.resample import pool_from_run, resample  # noqa: E402
 from scalebio.results import copy_retrain_results, copy_run_results, relativize  # noqa: E402
 from scalebio.reproduce import Claim, arm_finished, prune, reproduce_report, reweight_finished  # noqa: E402
 from scalebio.reweight import run_reweight  # noqa: E402
+from scalebio.stages import Campaign, Unit  # noqa: E402
 
 log = logging.getLogger("llama3.offline")
 
@@ -89,94 +89,87 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
     results_root = results_root or (runs_root / "results" if smoke else REPO / "results" / "llama3" / "offline")
     pool = (runs_root / "pool") if smoke else REPO / "data" / "llama3" / "pool"
     extra = SMOKE if smoke else {"pool_args": [], "reweight": [], "finetune": [], "n": None, "eval": EVAL}
-    stages = 2 + 2 * len(seeds)  # reweight, base evaluation, (learned, uniform) per seed
-    t_start, done, skipped = time.time(), 0, 0  # skipped: stages this checkout finished before, under runs_root
     written: set[Path] = set()
 
-    def progress(what: str) -> None:
-        elapsed, ran = time.time() - t_start, done - skipped
-        left = f"about {elapsed / ran * (stages - done):.0f} s left" if ran else "estimate after the first stage"
-        log.info("[offline %d/%d] %s (elapsed %.0f s, %s)", done, stages, what, elapsed, left)
-
-    if not (pool / "manifest.json").is_file():
+    def build_pool():
         subprocess.run([sys.executable, str(HERE / "build_pool.py"), "--out", str(pool), *extra["pool_args"]],
                        check=True, cwd=REPO)
 
     # 1. Reweighting (scalebio reweight experiments/llama3/offline_smollm2.yaml).
-    rw_dir = runs_root / "reweight_seed0"
-    rw_out = results_root / "reweight_seed0"
+    rw_dir, rw_out = runs_root / "reweight_seed0", results_root / "reweight_seed0"
     cfg = load_config(HERE / "offline_smollm2.yaml", [f"run_dir={rw_dir}", f"data.root={pool}", *extra["reweight"]])
-    if reweight_finished(rw_dir, cfg):
-        progress("reweight: finished earlier in " + str(rw_dir))
-        skipped += 1
-    else:
-        progress("reweight")
-        run_reweight(cfg, progress=sys.stderr.isatty())
-    shutil.rmtree(rw_out, ignore_errors=True)
-    copy_run_results(rw_dir, rw_out, REPO)
-    written.add(rw_out)
-    done += 1
+
+    def publish_reweight():
+        shutil.rmtree(rw_out, ignore_errors=True)
+        copy_run_results(rw_dir, rw_out, REPO)
+        written.add(rw_out)
 
     # 2. The base model, before any fine-tuning.
-    base_work = runs_root / "base_seed0"
-    base_out = results_root / "base_seed0"
-    if (base_work / "eval.json").is_file():
-        progress("evaluate base: finished earlier in " + str(base_work))
-        skipped += 1
-    else:
-        progress("evaluate base")
+    base_work, base_out = runs_root / "base_seed0", results_root / "base_seed0"
+
+    def evaluate_base():
         import torch
 
         from scalebio.models import build_model, load_tokenizer, special_token_ids
 
         if cfg.threads:  # as in an uninterrupted run, where the reweighting (same process) has set it
             torch.set_num_threads(cfg.threads)
-
         tok = load_tokenizer(cfg)
         model = build_model(cfg.model, vocab_size=len(tok), seed=0, token_ids=special_token_ids(tok)).eval()
         evaluate_model(model, tok, base_work / "eval.json", runs_root / "eval_tasks", cfg.data.max_length,
                        extra["eval"])
-    shutil.rmtree(base_out, ignore_errors=True)
-    base_out.mkdir(parents=True)
-    shutil.copy2(base_work / "eval.json", base_out / "eval.json")
-    relativize(base_out, REPO)
-    written.add(base_out)
-    done += 1
+
+    def publish_base():
+        shutil.rmtree(base_out, ignore_errors=True)
+        base_out.mkdir(parents=True)
+        shutil.copy2(base_work / "eval.json", base_out / "eval.json")
+        relativize(base_out, REPO)
+        written.add(base_out)
 
     # 3. Per seed: resample N by the learned weights and uniformly, fine-tune each arm for the same steps, evaluate.
-    pool_records = None
-    for seed in seeds:
-        for method in ("learned", "uniform"):
-            out = results_root / f"{method}_seed{seed}"
-            work = runs_root / f"{method}_seed{seed}"
-            weights = None if method == "uniform" else rw_dir / "weights.json"
-            manifest = arm_finished(work, weights, run_weights=rw_dir / "weights.json")
-            if manifest is not None:
-                progress(f"{method} seed {seed}: finished earlier in {work}")
-                skipped += 1
-            else:
-                progress(f"{method} seed {seed}: resample, fine-tune, evaluate")
-                ft = load_config(HERE / "finetune_offline.yaml", [f"seed={seed}", f"output_dir={work / 'finetune'}",
-                                                                  f"train.path={work / 'train.jsonl'}",
-                                                                  *extra["finetune"]], FinetuneConfig)
-                if smoke:
-                    ft.model, ft.tokenizer = cfg.model, cfg.tokenizer
-                n = extra["n"] or ft.steps * ft.global_batch  # every drawn example is seen once
-                if pool_records is None:
-                    pool_records = pool_from_run(rw_dir)
-                manifest = resample(weights, pool_records, n, seed, work / "train.jsonl")
-                model_dir = finetune(ft, progress=sys.stderr.isatty())
-                from scalebio.evaluation import load_model
+    pool_records: dict = {}
 
-                model, tok = load_model(str(model_dir), device="cpu")
-                evaluate_model(model, tok, work / "eval.json", runs_root / "eval_tasks", ft.max_length, extra["eval"])
+    def arm(seed: int, method: str) -> Unit:
+        out, work = results_root / f"{method}_seed{seed}", runs_root / f"{method}_seed{seed}"
+        weights = None if method == "uniform" else rw_dir / "weights.json"
+
+        def finished():
+            return arm_finished(work, weights, run_weights=rw_dir / "weights.json")
+
+        def run_arm():
+            ft = load_config(HERE / "finetune_offline.yaml", [f"seed={seed}", f"output_dir={work / 'finetune'}",
+                                                              f"train.path={work / 'train.jsonl'}",
+                                                              *extra["finetune"]], FinetuneConfig)
+            if smoke:
+                ft.model, ft.tokenizer = cfg.model, cfg.tokenizer
+            n = extra["n"] or ft.steps * ft.global_batch  # every drawn example is seen once
+            if not pool_records:
+                pool_records.update(pool_from_run(rw_dir))
+            resample(weights, pool_records, n, seed, work / "train.jsonl")
+            model_dir = finetune(ft, progress=sys.stderr.isatty())
+            from scalebio.evaluation import load_model
+
+            model, tok = load_model(str(model_dir), device="cpu")
+            evaluate_model(model, tok, work / "eval.json", runs_root / "eval_tasks", ft.max_length, extra["eval"])
+
+        def publish():
             shutil.rmtree(out, ignore_errors=True)
-            copy_retrain_results(work, out, manifest, REPO)
+            copy_retrain_results(work, out, finished(), REPO)
             written.add(out)
-            done += 1
+
+        return Unit(f"{method} seed {seed}", run=run_arm, done=lambda: finished() is not None, publish=publish,
+                    needs=("reweight",), kind="arm", where=work)
+
+    units = [Unit("pool", run=build_pool, done=(pool / "manifest.json").is_file, kind="pool"),
+             Unit("reweight", run=lambda: run_reweight(cfg, progress=sys.stderr.isatty()),
+                  done=lambda: reweight_finished(rw_dir, cfg), publish=publish_reweight, needs=("pool",),
+                  kind="reweight", where=rw_dir),
+             Unit("evaluate base", run=evaluate_base, done=(base_work / "eval.json").is_file, publish=publish_base,
+                  needs=("pool",), kind="evaluate", where=base_work),
+             *(arm(seed, method) for seed in seeds for method in ("learned", "uniform"))]
+    Campaign("offline", units).run()
     for path in prune(results_root, written) if prune_stale else []:
         log.info("removed %s: not produced by this run", path.relative_to(results_root))
-    progress(f"done: {stages - skipped} stages computed, {skipped} finished earlier under {runs_root}")
     return results_root
 
 

@@ -7,10 +7,9 @@
 runs/llama3/protocol_pilot/T/ and summarises it into results/llama3/protocol/pilot_T/; without a tag, the preset as
 it is, in runs/llama3/protocol_pilot/ and results/llama3/protocol/pilot/ (the first pilot).
 
-``run`` starts one ``scalebio reweight protocol_smollm2.yaml seed=<s> threads=1 --stop-after <steps>`` per seed, all
-at once (one thread each: on 2 shared cores two one-thread streams beat one two-thread stream), in
-runs/llama3/protocol_pilot/seed<s>: the first steps of the protocol's runs, on the same learning-rate schedule
-(150 steps). ``summarise`` writes
+``run`` runs one unit per seed (scalebio.stages), all at once, each in its own one-thread process (on 2 shared cores
+two one-thread streams beat one two-thread stream), in runs/llama3/protocol_pilot/seed<s>: the first steps of the
+protocol preset's runs, on the preset's learning-rate schedule. ``summarise`` writes
 results/llama3/protocol/pilot/: each seed's trajectory and metrics up to ``--steps``, and summary.json with the
 Spearman correlation of the two seeds' weights at every checkpointed step, the control source's weight against
 1/k, and the measured seconds per step. What the pilot decided is in experiments/llama3/README.md.
@@ -41,20 +40,39 @@ def paths(tag: str | None) -> tuple[Path, Path]:
     return (RUNS / tag, OUT.with_name(f"pilot_{tag}")) if tag else (RUNS, OUT)
 
 
-def run(seeds: list[int], steps: int, overrides: list[str] = (), runs: Path = RUNS) -> None:
-    import subprocess
+def campaign(seeds: list[int], steps: int, overrides: list[str] = (), runs: Path = RUNS, tag: str | None = None):
+    """One unit per seed: the first ``steps`` of ``protocol_smollm2.yaml`` with ``seed=<s> threads=1`` in
+    ``runs``/seed<s> (resumable from its checkpoints), run as one process per seed."""
+    from scalebio.config import load_config
+    from scalebio.reweight import run_reweight
+    from scalebio.stages import Campaign, Unit
 
-    procs = []
-    for seed in seeds:
+    def unit(seed: int) -> Unit:
         run_dir = runs / f"seed{seed}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [str(Path(sys.executable).with_name("scalebio")), "reweight", str(HERE / "protocol_smollm2.yaml"),
-               f"seed={seed}", f"run_dir={run_dir}", f"data.root={REPO / 'data' / 'llama3' / 'protocol_pool'}",
-               "threads=1", *overrides, "--stop-after", str(steps), "--no-progress"]
-        log.info("%s (log: %s)", " ".join(cmd), run_dir.with_suffix(".log"))
-        procs.append(subprocess.Popen(cmd, stdout=open(run_dir.with_suffix(".log"), "w"), stderr=subprocess.STDOUT))
-    if any(p.wait() for p in procs):
-        raise SystemExit(f"a pilot run failed: see {runs}/seed*.log")
+        cfg = load_config(HERE / "protocol_smollm2.yaml", [f"seed={seed}", f"run_dir={run_dir}",
+                                                           f"data.root={REPO / 'data' / 'llama3' / 'protocol_pool'}",
+                                                           "threads=1", *overrides])
+
+        def logged() -> int:
+            f = run_dir / "metrics.jsonl"
+            return sum(1 for line in f.open() if line.strip()) if f.is_file() else 0
+
+        return Unit(f"seed{seed}", run=lambda: run_reweight(cfg, stop_after=steps, progress=False),
+                    done=lambda: logged() >= steps, kind="reweight", progress=lambda: (logged(), steps),
+                    where=run_dir / "checkpoints")
+
+    command = [sys.executable, str(Path(__file__).resolve()), "run", "--steps", str(steps), "--seeds",
+               *map(str, seeds), *(["--tag", tag] if tag else []), *(["--set", *overrides] if overrides else [])]
+    return Campaign("pilot", [unit(s) for s in seeds], command=command, logs=runs)
+
+
+def run(seeds: list[int], steps: int, overrides: list[str] = (), runs: Path = RUNS, tag: str | None = None,
+        only: list[str] | None = None) -> None:
+    """All seeds at once, one thread each (on 2 shared cores two one-thread streams beat one two-thread stream);
+    ``only``: just these units, in this process."""
+    runs.mkdir(parents=True, exist_ok=True)
+    pilot = campaign(seeds, steps, overrides, runs, tag)
+    pilot.run(jobs=1 if only else len(seeds), only=only)
 
 
 def summarise(seeds: list[int], steps: int, runs: Path = RUNS, out: Path = OUT, overrides: list[str] = ()) -> dict:
@@ -108,7 +126,7 @@ def summarise(seeds: list[int], steps: int, runs: Path = RUNS, out: Path = OUT, 
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("run", "summarise"))
     parser.add_argument("--steps", type=int, default=30)
@@ -116,13 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", help="name of a variant pilot (its own runs and results folders)")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides of the variant (needs --tag)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="UNIT", help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", type=int, default=None, help=argparse.SUPPRESS)  # set by the runner: one per seed
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arg_parser()
     args = parser.parse_args(argv)
     if args.overrides and not args.tag:
         parser.error("--set needs --tag: a variant must not overwrite the first pilot's results")
     runs, out = paths(args.tag)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.action == "run":
-        run(args.seeds, args.steps, args.overrides, runs)
+        run(args.seeds, args.steps, args.overrides, runs, args.tag, args.only)
+        if args.only:
+            return 0
     summary = summarise(args.seeds, args.steps, runs, out, args.overrides)
     for seed, s in summary["per_seed"].items():
         log.info("seed %s: control %.4f (1/k %.4f), %s", seed, s["control_weight"], summary["uniform"],

@@ -113,8 +113,8 @@ class Protocol:
 
     def __init__(self, smoke: bool = False, runs_root: Path | None = None, results_root: Path | None = None,
                  reweight_seeds: list[int] | None = None, finetune_seeds: list[int] | None = None,
-                 threads: int | None = None, pool: Path | None = None):
-        self.smoke = smoke
+                 threads: int | None = None, pool: Path | None = None, recompute: bool = False):
+        self.smoke, self.recompute = smoke, recompute
         self.runs = Path(runs_root or REPO / "runs" / "llama3" / ("protocol_smoke" if smoke else "protocol")).resolve()
         self.results = Path(results_root or (self.runs / "results" if smoke else
                                              REPO / "results" / "llama3" / "protocol")).resolve()
@@ -250,11 +250,25 @@ class Protocol:
                     indent=2) + "\n")
             relativize(out, REPO)
 
-        return Unit(name, run=run, done=lambda: self.reweight_done(run_dir, cfg), publish=publish, needs=("pool",),
+        def done() -> bool:
+            return self.reweight_done(run_dir, cfg) or (self.published(out) and self.reweight_done(out, cfg))
+
+        def publish_finished():
+            if self.reweight_done(run_dir, cfg):  # else it was published by an earlier session
+                publish()
+
+        return Unit(name, run=run, done=done, publish=publish_finished, needs=("pool",),
                     kind="reweight", estimate_s=ESTIMATE_S["reweight_step"] * steps,
                     progress=lambda: (logged(), steps) if logged() else None,
                     publish_partial=lambda: publish(partial=True), where=run_dir / "checkpoints",
                     check=self.check_settings)
+
+    def published(self, out: Path) -> bool:
+        """A unit finished in an earlier session (its results are in the results folder, its run folder may be
+        gone) counts as done, unless the campaign recomputes everything (``make reproduce-llama3-offline``)."""
+        if self.recompute or not (out / UNIT_FILE).is_file():
+            return False
+        return json.loads((out / UNIT_FILE).read_text()).get("state", "done") == "done"
 
     def reweight_done(self, run_dir: Path, cfg) -> bool:
         """A finished reweighting run of these settings: weights.json, and a config.yaml that equals ``cfg`` but for
@@ -300,7 +314,11 @@ class Protocol:
                     shutil.copy2(work / f, out / f)
             relativize(out, REPO)
 
-        return Unit("base", run=run, done=lambda: (work / "eval_samples.jsonl").is_file(), publish=publish,
+        def finished() -> bool:
+            return (work / "eval_samples.jsonl").is_file() and (work / UNIT_FILE).is_file()
+
+        return Unit("base", run=run, done=lambda: finished() or self.published(out),
+                    publish=lambda: finished() and publish(),
                     needs=("pool",), kind="base", estimate_s=ESTIMATE_S["base"], where=work,
                     check=self.check_settings)
 
@@ -309,12 +327,24 @@ class Protocol:
         work, out = self.runs / name, self.results / name
         spec = ARMS[method]
         rw_seed = self.rw_seeds[i % len(self.rw_seeds)]
-        rw_dir = self.runs / f"reweight_seed{rw_seed}"
-        weights = rw_dir / "weights.json" if spec["weights"] == "learned" else None
+        # The published weights file: the one a later session has when this session's run folder is gone.
+        weights = self.results / f"reweight_seed{rw_seed}" / "weights.json" if spec["weights"] == "learned" else None
 
         def finished():
-            manifest = arm_finished(work, weights, run_weights=weights)
+            if weights is not None and not weights.is_file():
+                return False
+            manifest = arm_finished(work, weights)  # drawn from these weights (their sha256): not their file's age
             return manifest is not None and (work / "eval_samples.jsonl").is_file() and (work / UNIT_FILE).is_file()
+
+        def published() -> bool:
+            if not self.published(out):
+                return False
+            if weights is None:
+                return True
+            from scalebio.weights import file_sha256
+
+            drawn = json.loads((out / "resample.json").read_text()).get("weights_sha256")
+            return weights.is_file() and drawn == file_sha256(weights)
 
         def run():
             started = time.time()
@@ -339,7 +369,8 @@ class Protocol:
             relativize(out, REPO)
 
         needs = ("pool", f"reweight_seed{rw_seed}") if weights else ("pool",)
-        return Unit(name, run=run, done=finished, publish=publish, needs=needs, kind="arm",
+        return Unit(name, run=run, done=lambda: finished() or published(), publish=lambda: finished() and publish(),
+                    needs=needs, kind="arm",
                     estimate_s=ESTIMATE_S["arm"], where=work, check=self.check_settings)
 
     def source_pool(self) -> dict:
@@ -349,7 +380,7 @@ class Protocol:
 
             cfg = self.reweight_config(self.rw_seeds[0])
             held_out = set()
-            for src in [cfg.data.validation, *cfg.data.decontaminate_against]:
+            for src in [cfg.data.validation, *cfg.data.decontaminate_against] if cfg.data.decontaminate else []:
                 records, fmt = data_mod.load_with_format(src, cfg)
                 held_out.update(data_mod.prompt_key(r, fmt) for r in records)
             for src in cfg.data.sources:
@@ -382,18 +413,18 @@ class Protocol:
         return out
 
     def campaign(self, command: list[str] | None = None) -> Campaign:
-        cmd = command if command is not None else [sys.executable, str(Path(__file__).resolve()),
+        cmd = command if command is not None else [sys.executable, str(Path(__file__).resolve()), "run",
                                                    "--runs", str(self.runs), "--results", str(self.results),
-                                                   "--pool", str(self.pool),
+                                                   "--pool", str(self.pool), *(["--recompute"] if self.recompute else []),
                                                    *(["--smoke"] if self.smoke else [])]
         return Campaign("protocol", self.units(), command=cmd, logs=self.runs / "logs")
 
 
 def run(smoke: bool = False, runs_root: Path | None = None, results_root: Path | None = None,
         reweight_seeds: list[int] | None = None, finetune_seeds: list[int] | None = None, threads: int | None = None,
-        jobs: int = 1, only: list[str] | None = None) -> Path:
+        jobs: int = 1, only: list[str] | None = None, recompute: bool = False) -> Path:
     """Run every unit not yet done (``only``: these), ``jobs`` at a time, publishing each into ``results_root``."""
-    p = Protocol(smoke, runs_root, results_root, reweight_seeds, finetune_seeds, threads)
+    p = Protocol(smoke, runs_root, results_root, reweight_seeds, finetune_seeds, threads, recompute=recompute)
     p.campaign().run(jobs=jobs, only=only)
     return p.results
 
@@ -496,12 +527,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=None, help="results folder (default results/llama3/protocol)")
     parser.add_argument("--pool", default=None, help="the pool folder (default data/llama3/protocol_pool; build_pool "
                         "writes the same bytes wherever it runs)")
+    parser.add_argument("--recompute", action="store_true", help="count only units finished under --runs as done, "
+                        "not units published in the results folder by an earlier session (make reproduce-llama3-offline)")
     parser.add_argument("--write", action="store_true", help="status: also publish units in flight (partial) and "
                         f"write {STATUS_FILE} into the results folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     p = Protocol(args.smoke, Path(args.runs) if args.runs else None, Path(args.results) if args.results else None,
-                 args.reweight_seeds, args.finetune_seeds, args.threads, Path(args.pool) if args.pool else None)
+                 args.reweight_seeds, args.finetune_seeds, args.threads, Path(args.pool) if args.pool else None,
+                 args.recompute)
     if args.action == "status":
         campaign = p.campaign()
         if args.write:

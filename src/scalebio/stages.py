@@ -11,7 +11,7 @@ continues where it stopped. ``publish`` copies a finished unit's small files int
 session can commit what it has. ``status()`` renders every unit as done / partial / to do / waiting, the hours left at
 the measured speeds, and the command that continues.
 
-``jobs > 1`` runs that many units at once, each in its own process (the driver's command with ``--only NAME``),
+``jobs > 1`` runs that many units at once, each in its own process (the driver's command with ``--only NAME --jobs 1``),
 which is how two one-thread streams share a 2-core machine; with ``jobs == 1`` units run in this process, in order.
 """
 
@@ -78,7 +78,7 @@ class Campaign:
     name: str
     units: list[Unit]
     command: list[str] = field(default_factory=list)
-    """The command that re-runs this campaign's driver (``--only NAME`` is appended for one unit)."""
+    """The command that runs this campaign (``--jobs N`` is appended; ``--only NAME --jobs 1`` for one unit)."""
     logs: Path | None = None
     """Where each unit's process writes ``<name>.log`` when ``jobs > 1``."""
 
@@ -134,7 +134,7 @@ class Campaign:
                       f"{left / 3600 / max(1, jobs):.1f} h on {jobs} streams (at the measured speeds; a unit in flight "
                       "counts its steps left).", ""]
         if n_done < len(states) and self.command:
-            lines += ["Continue with:", "", "```", shlex.join([*self.command, "run", "--jobs", str(jobs)]), "```", ""]
+            lines += ["Continue with:", "", "```", shlex.join([*self.command, "--jobs", str(jobs)]), "```", ""]
         return "\n".join(lines)
 
     # ---- running ------------------------------------------------------------------------------------------
@@ -153,19 +153,22 @@ class Campaign:
             unknown = set(only) - {u.name for u in self.units}
             if unknown:
                 raise KeyError(f"campaign {self.name} has no unit(s) {sorted(unknown)}")
-        done = {u.name for u in self.units if u.done()}
+        for u in chosen:
+            if u.check:
+                u.check()  # refuse before anything starts, not halfway through the campaign
+        done: set[str] = set()
+        chosen_names = {u.name for u in chosen}
+        for u in self.units:  # in order, so a unit's results are in place before the units that need it are checked
+            if u.done():
+                done.add(u.name)
+                if u.name in chosen_names and u.publish:
+                    u.publish()  # finished earlier on this machine: make sure its results are in place
         pending = [u for u in chosen if u.name not in done]
         if only:
             for u in pending:
                 blocked = [n for n in u.needs if n not in done and n not in only]
                 if blocked:
                     raise RuntimeError(f"unit {u.name} needs {blocked}, which are not done: run them first")
-        for u in chosen:
-            if u.check:
-                u.check()  # refuse before anything starts, not halfway through the campaign
-        for u in chosen:
-            if u.name in done and u.publish:
-                u.publish()  # a unit finished earlier on this machine: make sure its results are in place
         start, total, finished = time.time(), len(pending), 0
 
         def report(what: str) -> None:
@@ -203,7 +206,7 @@ class Campaign:
                 u = self._ready(pending, done, set(running))
                 if u is None:
                     break
-                cmd = [*self.command, "run", "--only", u.name, "--jobs", "1"]
+                cmd = [*self.command, "--only", u.name, "--jobs", "1"]
                 out = open(logs / f"{u.name}.log", "a")
                 report(f"{u.name}: start in its own process (log: {logs / (u.name + '.log')})")
                 running[u.name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
