@@ -350,7 +350,9 @@ def collect_protocol(folder: Path) -> dict:
     return {"bench": protocol_bench_rows(found["evals"], model),
             "differences": protocol_differences(found["samples"], model), "weights": weight_rows,
             "spearman": rank_rows, "control": control_rows, "trajectories": found["trajectories"],
-            "control_source": (control_sources(found["weights"]) or [None])[0], "model": model}
+            "control_source": (control_sources({**{s: t[-1] for s, t in found["trajectories"].items() if t},
+                                                **found["weights"]}) or [None])[0], "model": model,
+            "finished_seeds": sorted(found["weights"])}
 
 
 def _signed(x: float) -> str:
@@ -422,7 +424,9 @@ def plot_protocol_weights(protocol: dict, figures: Path) -> Path | None:
         return None
     from scalebio.plotting import weight_trajectories
 
-    runs = {f"reweighting seed {s}": protocol["trajectories"][s] for s in sorted(protocol["trajectories"])}
+    runs = {f"reweighting seed {s}" + ("" if s in protocol["finished_seeds"] else
+                                        f" (in flight: step {protocol['trajectories'][s][-1]['step']})"):
+            protocol["trajectories"][s] for s in sorted(protocol["trajectories"])}
     return weight_trajectories(runs, figures / "table1_weights.png", highlight=protocol["control_source"],
                                title=f"Protocol source weights ({protocol['model']})")
 
