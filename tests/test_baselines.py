@@ -139,7 +139,7 @@ def less_setup():
     exact = torch.stack([less.flat_gradient(model, params, e, pad).detach().double() for e in pool.examples])
     dim = sum(p.numel() for p in params)
     projector = less.RandomProjector(dim, 8192, "rademacher", seed=0)
-    sgd = less.gradient_features(model, params, pool.examples, pad, projector)
+    sgd = less.gradient_features(model, params, pool.examples, pad, projector, chunk=3)  # 3 + 3 + 2 rows
     adam = less.gradient_features(model, params, pool.examples, pad, projector, adam=ckpts[-1])
     return {"pool": pool, "pad": pad, "ckpts": ckpts, "exact": exact, "projector": projector, "sgd": sgd,
             "adam": adam, "model": model, "adapters": adapters, "tok": tok}
@@ -217,7 +217,7 @@ def test_less_scores_weight_checkpoints_by_lr_average_subtasks_then_take_the_max
 def test_select_less_end_to_end_finds_the_duplicate_and_leaves_the_model_as_it_was():
     """The whole pipeline (LoRA warm-up, checkpoints weighted by their mean lr, Adam features, selection)
     puts the pool copy of the validation example first, and removes its adapters. Catches adapters left
-    attached (the model's outputs change) or the base model trained during the warm-up."""
+    attached (the model's outputs change) or a trained parameter subset not restored."""
     records = {"a": alpaca_records(3, seed=4, prefix="a"), "b": alpaca_records(3, seed=5, prefix="b")}
     tok = _tokenizer(*records.values())
     pool = common.tokenize_pool(records, tok, 64)
@@ -234,6 +234,12 @@ def test_select_less_end_to_end_finds_the_duplicate_and_leaves_the_model_as_it_w
     model.eval()
     assert torch.equal(model(input_ids=batch["input_ids"]).logits, before)
     assert sel.provenance["method"] == "less" and sel.provenance["settings"]["adapters"] == "lora"
+    # A chosen parameter subset instead of adapters: trained during the warm-up, restored afterwards.
+    subset = list(model.transformer.h[-1].mlp.parameters())
+    sel = less.select_less(model, pool.examples, [pool.examples[1]], 2, tok.pad_token_id, params=subset,
+                           fraction=0.5, epochs=2, batch_size=2, lr=1e-2, proj_dim=4096)
+    assert sel.indices[0] == 1 and sel.provenance["settings"]["adapters"] == "parameter subset"
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 # -- DoReMi ---------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import data as data_mod
 from ..results import git_revision, package_versions, write_text
@@ -97,12 +98,12 @@ def train_steps(model: nn.Module, examples: Sequence[data_mod.Example], steps: i
                 optimizer: torch.optim.Optimizer | None = None, weight_decay: float = 0.0,
                 warmup_ratio: float = 0.0, schedule: str = "cosine", objective=None,
                 device: torch.device | str | None = None,
-                on_step: Callable[[int], None] | None = None) -> TrainLog:
+                on_step: Callable[[int], None] | None = None, progress: bool = False) -> TrainLog:
     """Plain supervised training (finetune.py's step): minimise the mean per-example loss of batches drawn
     without replacement (one seeded permutation per epoch) with AdamW, lr ``lr × lr_shape``.
 
     ``params``: what to train (default all of ``model``'s parameters); ``optimizer``: an existing AdamW over
-    them (its state is kept, e.g. for LESS's Adam features). ``on_step(step)`` runs after each step.
+    them (its state is kept). ``on_step(step)`` runs after each step; ``progress``: a progress bar.
     """
     objective = objective or CausalLMObjective()
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -110,7 +111,7 @@ def train_steps(model: nn.Module, examples: Sequence[data_mod.Example], steps: i
     sampler = data_mod.BatchSampler([len(examples)], min(batch_size, len(examples)), "pooled", seed=seed)
     model.train()
     log_ = TrainLog([], [])
-    for step in range(steps):
+    for step in tqdm(range(steps), desc="train", disable=not progress, dynamic_ncols=True):
         rate = lr * lr_shape(step, steps, warmup_ratio, schedule)
         for group in opt.param_groups:
             group["lr"] = rate

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import data as data_mod
 from ..solver import CausalLMObjective
@@ -89,7 +90,8 @@ def doremi_weight_update(weights: torch.Tensor, excess: torch.Tensor, counts: to
 
 def train_reference_model(model: nn.Module, sources: Sequence[Sequence[data_mod.Example]], steps: int,
                           batch_size: int, lr: float, pad_id: int, reference_weights: Sequence[float] | None = None,
-                          seed: int = 0, weight_decay: float = 0.0, objective=None, device=None) -> TrainLog:
+                          seed: int = 0, weight_decay: float = 0.0, objective=None, device=None,
+                          progress: bool = False) -> TrainLog:
     """Step 1: train ``model`` in place on the mixture ``reference_weights`` (default uniform) with AdamW on the
     token-mean loss of each minibatch."""
     objective = objective or CausalLMObjective()
@@ -99,7 +101,7 @@ def train_reference_model(model: nn.Module, sources: Sequence[Sequence[data_mod.
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     model.train()
     out = TrainLog([], [])
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="DoReMi reference", disable=not progress, dynamic_ncols=True):
         batch = _collate(sources, sample_mixture([len(s) for s in sources], mix, batch_size, generator), pad_id, device)
         ce, mask = objective.token_losses(model, batch)
         loss = ce.sum() / mask.sum().clamp(min=1)
@@ -126,7 +128,7 @@ class DoremiResult:
 def run_doremi(proxy: nn.Module, reference: nn.Module, sources: Sequence[Sequence[data_mod.Example]],
                names: Sequence[str], steps: int, batch_size: int, lr: float, pad_id: int, eta: float = 1.0,
                smoothing: float = 1e-3, seed: int = 0, weight_decay: float = 0.0, objective=None,
-               device=None) -> DoremiResult:
+               device=None, progress: bool = False) -> DoremiResult:
     """Step 2 (Algorithm 1): train ``proxy`` in place against the frozen ``reference``; return ᾱ."""
     objective = objective or CausalLMObjective()
     k = len(sources)
@@ -139,7 +141,7 @@ def run_doremi(proxy: nn.Module, reference: nn.Module, sources: Sequence[Sequenc
     proxy.train()
     alpha, lam = uniform.clone(), torch.zeros(k, dtype=torch.float64)
     trajectory, excesses = [], []
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="DoReMi proxy", disable=not progress, dynamic_ncols=True):
         batch = _collate(sources, sample_mixture([len(s) for s in sources], uniform, batch_size, generator), pad_id,
                          device)
         with torch.no_grad():

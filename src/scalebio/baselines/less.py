@@ -48,6 +48,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import data as data_mod
 from ..solver import CausalLMObjective
@@ -137,7 +138,7 @@ def linear_shape(step: int, total: int, warmup_ratio: float) -> float:
 def warmup(model: nn.Module, params: Sequence[nn.Parameter], pool: Sequence[data_mod.Example], pad_id: int,
            fraction: float = 0.05, epochs: int = 4, batch_size: int = 32, lr: float = 1e-3,
            warmup_ratio: float = 0.03, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-           seed: int = 0, objective=None, device=None) -> list[LessCheckpoint]:
+           seed: int = 0, objective=None, device=None, progress: bool = False) -> list[LessCheckpoint]:
     """§4.1 step 1: AdamW on ``params`` only, over a random ``fraction`` of the pool (at least one example) for
     ``epochs`` epochs, one seeded permutation per epoch; a checkpoint after each epoch."""
     objective = objective or CausalLMObjective()
@@ -149,7 +150,7 @@ def warmup(model: nn.Module, params: Sequence[nn.Parameter], pool: Sequence[data
     opt = torch.optim.AdamW(list(params), lr=lr, betas=betas, eps=eps, weight_decay=0.0)
     model.train()
     checkpoints, step = [], 0
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="LESS warm-up", disable=not progress, dynamic_ncols=True):
         order = torch.randperm(len(subset), generator=generator).tolist()
         rates = []
         for start in range(0, len(order), batch_size):
@@ -258,14 +259,14 @@ def adam_direction(gradient: torch.Tensor, ckpt: LessCheckpoint, betas: tuple[fl
 def gradient_features(model: nn.Module, params: Sequence[nn.Parameter], examples: Sequence[data_mod.Example],
                       pad_id: int, projector: RandomProjector, adam: LessCheckpoint | None = None,
                       betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, chunk: int = 16,
-                      objective=None, device=None) -> torch.Tensor:
+                      objective=None, device=None, progress: bool = False) -> torch.Tensor:
     """Unit-normalised projected gradient features of ``examples`` at the parameters' current values, in eval
     mode: Γ(z, θ) (Adam, training examples) when ``adam`` is given, else the plain ∇ℓ(z; θ) (validation
     examples). [N, projector.dim_out] float32 (float64 for a float64 model)."""
     was_training = model.training
     model.eval()
     rows, out = [], []
-    for example in examples:
+    for example in tqdm(examples, desc="LESS gradient features", disable=not progress, dynamic_ncols=True):
         g = flat_gradient(model, params, example, pad_id, objective, device).detach()
         rows.append(adam_direction(g, adam, betas, eps) if adam is not None else g)
         if len(rows) == chunk:
@@ -324,7 +325,8 @@ def select_less(model: nn.Module, pool: Sequence[data_mod.Example], validation: 
                 params: Sequence[nn.Parameter] | None = None, lora_rank: int = 8, lora_alpha: float = 32.0,
                 lora_targets: Sequence[str] = LORA_TARGETS, fraction: float = 0.05, epochs: int = 4,
                 batch_size: int = 32, lr: float = 1e-3, warmup_ratio: float = 0.03, proj_dim: int = 2048,
-                proj_kind: str = "rademacher", seed: int = 0, objective=None, device=None) -> LessSelection:
+                proj_kind: str = "rademacher", seed: int = 0, objective=None, device=None,
+                progress: bool = False) -> LessSelection:
     """The whole LESS pipeline on ``model`` (the selection model); the model is left as it was (adapters removed,
     a chosen ``params`` subset restored after the warm-up)."""
     adapters = None
@@ -337,7 +339,7 @@ def select_less(model: nn.Module, pool: Sequence[data_mod.Example], validation: 
         initial = [p.detach().clone() for p in params]
     try:
         ckpts = warmup(model, params, pool, pad_id, fraction, epochs, batch_size, lr, warmup_ratio, seed=seed,
-                       objective=objective, device=device)
+                       objective=objective, device=device, progress=progress)
         projector = RandomProjector(sum(p.numel() for p in params), proj_dim, proj_kind, seed)
         train_features, val_features = [], []
         for ckpt in ckpts:
@@ -345,9 +347,9 @@ def select_less(model: nn.Module, pool: Sequence[data_mod.Example], validation: 
                 for p, value in zip(params, ckpt.params):
                     p.copy_(value)
             train_features.append(gradient_features(model, params, pool, pad_id, projector, adam=ckpt,
-                                                    objective=objective, device=device))
+                                                    objective=objective, device=device, progress=progress))
             val_features.append(gradient_features(model, params, validation, pad_id, projector,
-                                                  objective=objective, device=device))
+                                                  objective=objective, device=device, progress=progress))
     finally:
         if adapters is not None:
             adapters.remove()

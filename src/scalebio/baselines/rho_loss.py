@@ -41,7 +41,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from tqdm.auto import tqdm
+
 from .. import data as data_mod
+from ..solver import CausalLMObjective
 from .common import TrainLog, batches, per_example_losses, provenance, top_n, train_steps
 
 PAPER = "Mindermann et al. 2022, Prioritized Training on Points that are Learnable, Worth Learning, and Not Yet Learnt"
@@ -49,10 +52,10 @@ PAPER = "Mindermann et al. 2022, Prioritized Training on Points that are Learnab
 
 def train_irreducible_loss_model(model: nn.Module, holdout: Sequence[data_mod.Example], steps: int, batch_size: int,
                                  lr: float, pad_id: int, seed: int = 0, weight_decay: float = 0.0,
-                                 objective=None, device=None) -> TrainLog:
+                                 objective=None, device=None, progress: bool = False) -> TrainLog:
     """Train the IL model on the holdout set only (Algorithm 1, line 1; §3 approximation 2), in place."""
     return train_steps(model, holdout, steps, batch_size, lr, pad_id, seed=seed, weight_decay=weight_decay,
-                       objective=objective, device=device)
+                       objective=objective, device=device, progress=progress)
 
 
 def irreducible_losses(il_model: nn.Module, pool: Sequence[data_mod.Example], pad_id: int, batch_size: int = 8,
@@ -91,13 +94,12 @@ def select_rho_loss(model: nn.Module, il_losses: torch.Tensor, pool: Sequence[da
 
 def train_with_rho_loss(model: nn.Module, il_losses: torch.Tensor, pool: Sequence[data_mod.Example], steps: int,
                         large_batch: int, selected_batch: int, lr: float, pad_id: int, seed: int = 0,
-                        weight_decay: float = 0.0, objective=None, device=None) -> list[list[int]]:
+                        weight_decay: float = 0.0, objective=None, device=None,
+                        progress: bool = False) -> list[list[int]]:
     """Online RHO-LOSS (Algorithm 1): each step draws a large batch B_t of ``large_batch`` pool indices
     uniformly without replacement, scores them with the current model (eval mode, no gradients), keeps the
     ``selected_batch`` with the largest RHO-LOSS and takes one AdamW step on their mean loss. Trains ``model`` in
     place; returns the selected pool indices of every step."""
-    from ..solver import CausalLMObjective
-
     objective = objective or CausalLMObjective()
     if not 1 <= selected_batch <= large_batch <= len(pool):
         raise ValueError(f"need 1 <= selected_batch ({selected_batch}) <= large_batch ({large_batch}) <= pool "
@@ -105,7 +107,7 @@ def train_with_rho_loss(model: nn.Module, il_losses: torch.Tensor, pool: Sequenc
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     chosen: list[list[int]] = []
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="RHO-LOSS training", disable=not progress, dynamic_ncols=True):
         candidates = torch.randperm(len(pool), generator=generator)[:large_batch].tolist()
         subset = [pool[j] for j in candidates]
         scores = per_example_losses(model, subset, pad_id, large_batch, objective, device) - il_losses[candidates].double()
