@@ -74,6 +74,18 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp(min=1e-300))
 
 
+def cast_(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Parameters and floating buffers to ``dtype`` in place (a GGUF-loaded model refuses ``.float()``/``.double()``)."""
+    with torch.no_grad():
+        for sub in model.modules():
+            for param in sub.parameters(recurse=False):
+                param.data = param.data.to(dtype)
+            for name, buf in sub.named_buffers(recurse=False):
+                if buf is not None and buf.is_floating_point():
+                    sub._buffers[name] = buf.to(dtype)
+    return model
+
+
 def measure_point(model: torch.nn.Module, state: dict, batches: list[dict], k: int) -> dict:
     """Gaps and λ gradients of every mode on ``batches`` at the point ``state`` (the solver's state dict). One
     model object holds u, then w (loaded in turn, cast to fp64 and back in place): one copy in memory at a time."""
@@ -83,10 +95,10 @@ def measure_point(model: torch.nn.Module, state: dict, batches: list[dict], k: i
     seconds = {mode: [] for mode in MODES}
     model.train()
     for name in ("u", "w"):
-        model.float().load_state_dict(state[name])
+        cast_(model, torch.float32).load_state_dict(state[name])
         for mode in MODES:
             if mode == "fp64":
-                model.double()
+                cast_(model, torch.float64)
             out = []
             for batch in batches:
                 start = time.perf_counter()
@@ -94,7 +106,7 @@ def measure_point(model: torch.nn.Module, state: dict, batches: list[dict], k: i
                     out.append(source_means(model, batch, k, objective))
                 seconds[mode].append(time.perf_counter() - start)
             means[mode][name] = out
-            model.float()
+            cast_(model, torch.float32)
     gaps = {mode: [w - u for w, u in zip(means[mode]["w"], means[mode]["u"])] for mode in MODES}
     rows = {}
     for row, mode in ROWS.items():
@@ -259,7 +271,7 @@ def table_lines(folder: Path) -> list[str]:
     head = " | ".join(f"{label} (max ‖gap‖ {p['reference_gap_abs_max']['median']:.1e})" for label, p in points.items())
     out = [f"| mode | {head} |", "|---" * (len(points) + 1) + "|"]
     for row, label in LABELS.items():
-        cells = [f"error {p['modes'][row]['gap_error']['max']:.3g}, cos ≥ {p['modes'][row]['lambda_grad_cosine']['min']:.3f}"
+        cells = [f"error {p['modes'][row]['gap_error']['max']:.3g}, cos ≥ {p['modes'][row]['lambda_grad_cosine']['min']:.5f}"
                  for p in points.values()]
         out.append(f"| {label} | {' | '.join(cells)} |")
     return out
