@@ -29,7 +29,7 @@ test-slow: setup ## end-to-end checks: 2-process runs, each experiment's pipelin
 clean: ## remove run outputs of tests and local runs (not results/)
 	rm -rf runs .pytest_cache
 
-.PHONY: reproduce-gpt2 reproduce-llama3-offline reproduce-llama3-small figures bench table1
+.PHONY: reproduce-gpt2 reproduce-llama3-offline reproduce-llama3-small figures bench table1 compare-gpt2
 reproduce-gpt2: setup ## recompute the three GPT-2 experiments (CPU preset: under 60 min on 2 cores) over results/gpt2, tables and figures, then the committed-vs-recomputed report
 	$(MAKE) -j2 gpt2-denoising-multilingual gpt2-instruction-following
 	$(MAKE) figures
@@ -42,6 +42,18 @@ gpt2-denoising-multilingual:
 	$(BIN)/python experiments/gpt2/pipeline.py multilingual
 gpt2-instruction-following:
 	$(BIN)/python experiments/gpt2/pipeline.py instruction_following
+
+compare-gpt2: setup ## the baselines on the three GPT-2 experiments: uniform, ScaleBiO, RHO-LOSS, LESS, DoReMi, 3 retrain seeds each (estimate: ≈ 28 min after reproduce-gpt2, ≈ 36 min alone, 2 cores)
+	$(MAKE) -j2 gpt2-compare-multilingual gpt2-compare-denoising-instruction-following
+	$(BIN)/python experiments/gpt2/compare_report.py
+
+# Two streams of one thread each, balanced by the estimate in experiments/gpt2/compare.py.
+.PHONY: gpt2-compare-multilingual gpt2-compare-denoising-instruction-following
+gpt2-compare-multilingual:
+	$(BIN)/python experiments/gpt2/compare.py multilingual
+gpt2-compare-denoising-instruction-following:
+	$(BIN)/python experiments/gpt2/compare.py denoising
+	$(BIN)/python experiments/gpt2/compare.py instruction_following
 
 reproduce-llama3-offline: setup ## Table 1's protocol on SmolLM2-135M with a control source, every unit recomputed: pool → reweight (3 seeds) → resample → fine-tune (3 arms × 3 seeds) → lm-eval → Table 1; resumes after a kill (≈ 16 stream-hours: experiments/llama3/README.md)
 	$(BIN)/python experiments/llama3/protocol.py run --recompute --jobs 2
