@@ -63,6 +63,7 @@ reproduce-llama3-small: setup ## the earlier small offline preset (40 steps, one
 
 figures: ## rebuild every table and figure from results/ alone (seconds)
 	$(BIN)/python experiments/gpt2/report.py
+	$(BIN)/python experiments/gpt2/compare_report.py
 	$(BIN)/python -m benchmarks.figures --results results/bench --out figures
 	$(BIN)/python -m benchmarks.table --results results/bench --update README.md benchmarks/README.md
 	$(BIN)/python experiments/llama3/table1.py

@@ -145,6 +145,7 @@ def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Pat
     units += [retrain_unit(v, s, m) for v in plan["variants"] for s in plan["retrain"]["seeds"]
               for m in ("learned", "uniform")]
     Campaign(task, units).run()
+    written.add(results_root / "compare")  # the baselines comparison's results (compare.py), not this pipeline's
     for path in prune(results_root, written):
         log.info("removed %s: not produced by this run", path.relative_to(results_root))
     return results_root
