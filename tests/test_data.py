@@ -87,9 +87,9 @@ def test_read_json_and_jsonl(tmp_path):
 @pytest.mark.parametrize("name, text, pattern", [
     ("bad.jsonl", '{"text": "a"}\n\n{"text": "b"}\n{"text": "c\n', r"bad.jsonl:4: malformed JSON"),
     ("bad.json", '[\n  {"text": "a"},\n  {"text": b}\n]', r"bad.json:3:12: malformed JSON"),
-    ("list.jsonl", '{"text": "a"}\n["x"]\n', r"list.jsonl: record 1: expected an object"),
+    ("list.jsonl", '{"text": "a"}\n\n["x"]\n', r"list.jsonl:3: expected an object"),  # lines, blank ones too
     ("obj.json", '{"data": [{"text": "a"}]}', r"obj.json: expected a JSON list"),
-    ("rec.json", '[{"text": "a"}, 3]', r"rec.json: record 1: expected an object"),
+    ("rec.json", '[{"text": "a"}, 3]', r"rec.json: record index 1 \(0-based\): expected an object"),
 ])
 def test_read_errors_name_file_and_line(tmp_path, name, text, pattern):
     (tmp_path / name).write_text(text)
@@ -126,7 +126,7 @@ def test_detect_format_and_messages():
     for rec in (items, msgs, sharegpt):
         assert detect_format(rec) == "conversations"
     assert detect_format({"text": "x"}) == "text"
-    with pytest.raises(DataError, match=r"record 0: cannot detect the format"):
+    with pytest.raises(DataError, match=r"record index 0 \(0-based\): cannot detect the format"):
         detect_format({"question": "q", "answer": "a"})
     assert to_messages(items, "conversations") == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi  There"},
@@ -308,7 +308,7 @@ def test_build_datasets_errors(tmp_path, gpt2):
          {"max_length": 30}, r"data.sources\[1\] \(b\): data/b.jsonl: empty after truncation"),
         ({"a": good, "b": good}, [], {}, r"data.validation: data/val.jsonl: empty"),
         ({"a": good, "b": good[:2] + [{"instruction": "q", "input": ""}]}, alpaca("v", 2), {},
-         r"data/b.jsonl: record 2: missing field 'output'"),
+         r"data/b.jsonl:3: missing field 'output'"),
     ]
     for i, (sources, val, kw, pattern) in enumerate(cases):
         with pytest.raises(DataError, match=pattern):

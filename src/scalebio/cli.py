@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 
 from .config import ConfigError, RunConfig, describe, load_config
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "order.\n\nResumes from the newest checkpoint in run_dir when started again with the same command; "
                     "a resume whose data files changed\n(sha256) is refused, naming the file and both digests. "
                     "resume=false starts over: the old run's checkpoints, logs and\ntokenizer are removed first. "
+                    "SIGTERM, SIGINT or SIGUSR1 end the run after the current step with a checkpoint (exit status 128 + "
+                    "the signal);\nthe same command resumes. A run_dir in use by another process (run_dir/run.lock) is "
+                    "refused.\n"
                     "solver.steps: null = one epoch over the pooled training data, else an integer >= 1.\n"
                     "Learning rates must be > 0, weight decays >= 0. A non-finite loss, λ or parameter stops the run "
                     "(meta.json: failed);\nnothing non-finite is written.",
@@ -204,11 +208,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import rank_and_world
+    from .results import RunInterrupted
+
     parser = build_parser()
     args = parse_args(parser, argv)
     _setup_logging(args.verbose)
     try:
         return args.func(args)
+    except RunInterrupted as e:
+        # One line (rank 0's) that says how to resume; the exit status is 128 + the signal's number.
+        if rank_and_world()[0] == 0:
+            log.error("%s", e.resume_line("scalebio " + shlex.join(sys.argv[1:] if argv is None else argv)))
+        return e.exit_code
     except (ConfigError, ValueError, OSError, RuntimeError) as e:
         if args.verbose:
             raise

@@ -54,14 +54,50 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 
 class DataError(ValueError):
-    """A data problem; the message names the file and the line (JSON/JSONL) or the record index and field."""
+    """A data problem; the message names the file and where in it: ``FILE:LINE:`` (1-based, as an editor counts)
+    for a JSONL record and for text-level errors (malformed JSON, invalid UTF-8), ``FILE: record index I
+    (0-based):`` for a record of a JSON list or a hub dataset; then the field."""
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Reading records.
 
 
-def read_records(path: Path) -> list[dict]:
+class Records(list):
+    """The records of one file or hub split, remembering the line each came from (``lines``: 1-based, JSONL) or
+    none (a JSON list, a hub split: records are then named by their 0-based index)."""
+
+    def __init__(self, items: Iterable = (), lines: list[int] | None = None):
+        super().__init__(items)
+        self.lines = lines
+
+    def head(self, n: int) -> "Records":
+        return Records(self[:n], None if self.lines is None else self.lines[:n])
+
+
+def locate(records: Sequence, i: int, label: str) -> str:
+    """Where record ``i`` of ``records`` (read from ``label``) is, for an error message: ``label:LINE`` for a JSONL
+    record, else ``label: record index i (0-based)``."""
+    lines = getattr(records, "lines", None)
+    if lines is not None:
+        return f"{label}:{lines[i]}"
+    return f"{label}: record index {i} (0-based)"
+
+
+def _decode(data: bytes, path: Path) -> str:
+    """UTF-8 text (a leading BOM dropped); invalid bytes are a DataError naming the line and column."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte {column} of the line "
+                        f"({e.reason}); save the file as UTF-8") from None
+
+
+def read_records(path: Path) -> Records:
     """Records of a ``.json`` file (a JSON list of objects) or a ``.jsonl`` file (one object per line)."""
     path = Path(path)
     if path.is_dir():
@@ -71,10 +107,7 @@ def read_records(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: unsupported file type {suffix!r} (expected .json or .jsonl)")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text: {e}") from None
+    text = _decode(path.read_bytes(), path)
     if suffix == ".jsonl":
         records = _parse_jsonl(text, path)
     else:
@@ -89,9 +122,10 @@ def read_records(path: Path) -> list[dict]:
                 raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        records = records if isinstance(records, Records) else Records(records)
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise DataError(f"{path}: record {i}: expected an object, got {type(rec).__name__}")
+            raise DataError(f"{locate(records, i, str(path))}: expected an object, got {type(rec).__name__}")
     return records
 
 
@@ -103,19 +137,22 @@ def _first_line_is_object(text: str) -> bool:
         return False
 
 
-def _parse_jsonl(text: str, path: Path) -> list:
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+def _parse_jsonl(text: str, path: Path) -> Records:
+    # Lines end at "\n" only (an editor's lines): a record may hold U+2028 and other characters that
+    # str.splitlines would also split at.
+    records = Records(lines=[])
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        records.lines.append(lineno)
     return records
 
 
-def load_source(src: SourceConfig, cfg: RunConfig) -> list[dict]:
+def load_source(src: SourceConfig, cfg: RunConfig) -> Records:
     """The records of one source: its local file (``path`` wins) or a hub dataset split, then ``limit``."""
     if src.path:
         records = read_records(cfg.resolve_path(src.path))
@@ -126,11 +163,11 @@ def load_source(src: SourceConfig, cfg: RunConfig) -> list[dict]:
             ds = datasets.load_dataset(src.hub_dataset, split=src.split)
         except Exception as e:  # the hub raises many types (connection, missing split, offline mode)
             raise DataError(f"{src.hub_dataset} (split {src.split}): could not load dataset: {e}") from e
-        records = [dict(r) for r in ds]
+        records = Records(dict(r) for r in ds)
     else:
         raise DataError(f"source {src.name or '(unnamed)'}: set path or hub_dataset")
     if src.limit is not None:
-        records = records[: src.limit]
+        records = records.head(src.limit)
     return records
 
 
@@ -150,7 +187,7 @@ def _conversation_key(record: dict) -> str | None:
     return None
 
 
-def detect_format(record: dict, where: str = "record 0") -> str:
+def detect_format(record: dict, where: str = "record index 0 (0-based)") -> str:
     """``alpaca``, ``conversations`` or ``text``, from the fields of one record."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object, got {type(record).__name__}")
@@ -471,7 +508,7 @@ def load_with_format(src: SourceConfig, cfg: RunConfig) -> tuple[list[dict], str
     records = load_source(src, cfg)
     if src.format != "auto":
         return records, src.format
-    return records, detect_format(records[0], f"{_source_label(src)}: record 0") if records else "text"
+    return records, detect_format(records[0], locate(records, 0, _source_label(src))) if records else "text"
 
 
 def _load_checked(src: SourceConfig, cfg: RunConfig, field_name: str) -> tuple[list[dict], str]:
@@ -480,9 +517,9 @@ def _load_checked(src: SourceConfig, cfg: RunConfig, field_name: str) -> tuple[l
     records = load_source(src, cfg)
     if not records:
         raise DataError(f"{field_name}: {label}: empty: no records")
-    fmt = src.format if src.format != "auto" else detect_format(records[0], f"{label}: record 0")
+    fmt = src.format if src.format != "auto" else detect_format(records[0], locate(records, 0, label))
     for i, rec in enumerate(records):
-        check_record(rec, fmt, f"{label}: record {i}")
+        check_record(rec, fmt, locate(records, i, label))
     return records, fmt
 
 
@@ -684,7 +721,7 @@ def build_mixed_set(src: SourceConfig, cfg: RunConfig, tokenizer, max_length: in
         raise DataError(f"{label}: empty: no records")
     segments = []
     for i, rec in enumerate(records):
-        where = f"{label}: record {i}"
+        where = locate(records, i, label)
         fmt = src.format if src.format != "auto" else detect_format(rec, where)
         check_record(rec, fmt, where)
         segments.append(render_segments(rec, fmt, tokenizer))

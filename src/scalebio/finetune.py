@@ -10,11 +10,19 @@ reduce-scatter (``sharding: fsdp``, or ``auto`` under an FSDP / ZeRO-3 accelerat
 Under a DeepSpeed launch (accelerate's DeepSpeed config, or ``deepspeed: FILE.json``) the model trains in a
 DeepSpeed engine instead, with the JSON's ZeRO stage, offload and precision (``sharding: deepspeed``).
 Rank 0 writes the logs and the model.
+
+Reliability (README "Reliability"): rank 0 owns output_dir for the run (``results.RunLock``). SIGTERM, SIGINT and
+SIGUSR1 end the run after the step in progress with a checkpoint (output_dir/checkpoints/; not under a DeepSpeed
+engine, which then restarts from step 0) and meta.json ``interrupted``; the same command resumes from it, bit for
+bit, and a finished run removes it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +33,12 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import precision, sharding
 from .config import ConfigError, LisaConfig, ModelConfig, SourceConfig, TokenizerConfig, resolve_relative, save_config
+from .config import to_dict
 from .lisa import Lisa
 from .models import build_model, load_tokenizer, special_token_ids
-from .results import RunDir, git_revision, hardware, package_versions, write_json
+from .results import (ResumeError, RunDir, RunInterrupted, SignalWatch, git_revision, hardware, kill_point,
+                      own_run_dir, package_versions, write_json)
+from .weights import file_sha256
 from .distributed import all_reduce, all_reduce_grads, init_distributed, rank_and_world, rank_slice
 from .solver import CausalLMObjective, NonFiniteLossError, lr_shape
 
@@ -118,8 +129,89 @@ def _deepspeed_file(cfg: FinetuneConfig) -> str | None:
     return sharding.deepspeed_launch_file()
 
 
+def _digest(cfg: FinetuneConfig) -> str:
+    """What identifies a fine-tuning run's computation: the config without output_dir and the config file's path."""
+    payload = {k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "source_file")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _train_sha256(cfg: FinetuneConfig) -> str | None:
+    path = cfg.resolve_path(cfg.train.path) if cfg.train.path else None
+    return file_sha256(path) if path is not None and path.is_file() else None
+
+
+def _resume_state(run: RunDir, cfg: FinetuneConfig, train_sha256: str | None) -> dict | None:
+    """The checkpoint an interrupted run left in output_dir, checked against this config and training file."""
+    ckpt = run.latest_checkpoint()
+    if ckpt is None:
+        return None
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 (torch raises several types for a damaged file)
+        raise ResumeError(f"{ckpt}: cannot read the checkpoint ({e}); delete it to start over") from None
+    if state.get("config_digest") != _digest(cfg):
+        raise ResumeError(f"{ckpt}: checkpoint of an interrupted run of a different config; use another output_dir, "
+                          f"or delete {run.checkpoints} to start over")
+    if state.get("train_sha256") != train_sha256:
+        raise ResumeError(f"{ckpt}: the training file changed since the checkpoint was written: "
+                          f"{cfg.resolve_path(cfg.train.path)}: sha256 {state.get('train_sha256')} (checkpoint) vs "
+                          f"{train_sha256 or 'missing'} (now). Restore it, use another output_dir, or delete "
+                          f"{run.checkpoints} to start over")
+    state["path"] = str(ckpt)
+    return state
+
+
+def _save_checkpoint(run: RunDir, completed: int, model, opt, sampler, mode: str, rank: int, cfg: FinetuneConfig,
+                     train_sha256: str | None) -> Path | None:
+    """Model, optimizer, sampler and RNG after ``completed`` steps (rank 0 writes; with FSDP every rank gathers)."""
+    if mode == "fsdp":
+        model_state, opt_state = sharding.full_model_state(model), sharding.full_optimizer_state(opt)
+    elif rank == 0:
+        model_state, opt_state = model.state_dict(), opt.state_dict()
+    if rank != 0:
+        return None
+    return run.save_checkpoint(completed, {
+        "step": completed, "config_digest": _digest(cfg), "train_sha256": train_sha256, "model": model_state,
+        "optimizer": opt_state, "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+
+
+def _restore(state: dict, model, opt, lisa: Lisa | None, sampler, mode: str) -> int:
+    """Load a checkpoint; the optimizer's parameter list is first put back as it was (the LISA blocks of the last
+    completed step), so its state lines up. Returns the step to continue from."""
+    if mode == "fsdp":
+        sharding.load_full_model_state(model, state["model"])
+    else:
+        model.load_state_dict(state["model"])
+    if lisa is not None:
+        lisa.update(state["step"] - 1, opt)
+    opt.load_state_dict(state["optimizer"])
+    if mode == "fsdp":
+        sharding.shard_optimizer_state(opt)
+    sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    log.info("resumed from %s (step %d)", state["path"], state["step"])
+    return state["step"]
+
+
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
-    """Train and save; returns the model folder."""
+    """Train and save; returns the model folder. Rank 0 owns output_dir meanwhile (another run on it is refused:
+    RunLockedError); a signal ends the run with RunInterrupted (module docstring)."""
+    validate_finetune_config(cfg)
+    init_distributed()
+    rank, world = rank_and_world()
+    lock = own_run_dir(cfg.output_dir, rank, world)
+    try:
+        with SignalWatch(cfg.output_dir) as signals:
+            return _train(cfg, progress, signals)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: FinetuneConfig, progress: bool, signals: SignalWatch) -> Path:
     validate_finetune_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -142,9 +234,15 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     if mode == "fsdp":
         sharding.check_even_batches({"global_batch": cfg.global_batch}, world)
     run = RunDir(cfg.output_dir)
+    train_sha256 = _train_sha256(cfg)
+    resume = _resume_state(run, cfg, train_sha256)
     if rank == 0:
+        run.remove_temporaries()
         save_config(cfg, run.path / "config.yaml")
-        (run.path / "metrics.jsonl").unlink(missing_ok=True)
+        if resume is None:
+            (run.path / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            run.truncate_logs(resume["step"])
     tokenizer = load_tokenizer(cfg)  # type: ignore[arg-type]  (same fields as RunConfig's)
     train = data_mod.build_mixed_set(cfg.train, cfg, tokenizer, cfg.max_length)  # type: ignore[arg-type]
     examples = train.examples
@@ -175,7 +273,27 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     sampler = data_mod.BatchSampler([len(examples)], cfg.global_batch, "pooled", seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    for step in tqdm(range(steps), desc="scalebio finetune", disable=not progress, dynamic_ncols=True):
+    start = _restore(resume, model, opt, lisa, sampler, mode) if resume is not None else 0
+    signals.defer()  # from here a signal ends the run after the step in progress
+    for step in tqdm(range(start, steps), initial=start, total=steps, desc="scalebio finetune", disable=not progress,
+                     dynamic_ncols=True):
+        received = signals.pending(world)  # every rank agrees: a collective when distributed
+        if received is not None:
+            saved = None
+            if engine is not None:
+                log.warning("no checkpoint of a DeepSpeed engine: the next start begins again at step 0")
+            elif step > start:
+                saved = _save_checkpoint(run, step, model, opt, sampler, mode, rank, cfg, train_sha256)
+            elif start:
+                saved = resume["path"]
+            if rank == 0:
+                write_json(run.path / "meta.json", {
+                    "status": "interrupted", "signal": received, "steps_completed": step, "steps": steps,
+                    "seed": cfg.seed, "world_size": world, "sharding": mode, "versions": package_versions(),
+                    "git_revision": git_revision(), "wall_time_s": time.time() - t0})
+            if world > 1:  # no rank exits (and has a launcher stop the others) before rank 0 has saved
+                torch.distributed.barrier()
+            raise RunInterrupted(received, run.path, step, steps, saved)
         if lisa is not None:
             lisa.update(step, opt)
         for group in opt.param_groups:
@@ -213,6 +331,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
             run.append("metrics.jsonl", {"step": step, "train_loss": total / len(picks), "grad_norm": float(grad_norm),
                                          "lr": opt.param_groups[0]["lr"],
                                          "active_blocks": list(lisa.active) if lisa else None})
+        kill_point("step.end")
     folder = run.path / "model"
     if cfg.save_model:
         full = None  # collectives: every rank gathers
@@ -230,4 +349,5 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
             "precision": precision.record(cfg.precision, compute_dtype, device), "versions": package_versions(),
             "git_revision": git_revision(), "hardware": hardware(), "wall_time_s": time.time() - t0,
         })
+        shutil.rmtree(run.checkpoints, ignore_errors=True)  # an interruption's checkpoint is spent
     return folder

@@ -109,13 +109,20 @@ def pool_from_run(run_dir: str | Path) -> dict[str, list[dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a reweighting run directory (no config.yaml)")
     cfg = from_dict(RunConfig, yaml.safe_load(path.read_text()))
+    def checked(src) -> tuple[list[dict], str]:  # a bad record is named by file and line, as the run named it
+        records, fmt = data_mod.load_with_format(src, cfg)
+        label = src.path or f"{src.hub_dataset} (split {src.split})"
+        for i, rec in enumerate(records):
+            data_mod.check_record(rec, fmt, data_mod.locate(records, i, label))
+        return records, fmt
+
     held_out = set()
     if cfg.data.decontaminate:
         for src in [cfg.data.validation, *cfg.data.decontaminate_against]:
-            records, fmt = data_mod.load_with_format(src, cfg)
+            records, fmt = checked(src)
             held_out.update(data_mod.prompt_key(r, fmt) for r in records)
     pool = {}
     for src in cfg.data.sources:
-        records, fmt = data_mod.load_with_format(src, cfg)
+        records, fmt = checked(src)
         pool[src.name] = [r for r in records if data_mod.prompt_key(r, fmt) not in held_out]
     return pool

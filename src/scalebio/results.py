@@ -15,6 +15,12 @@ renamed over the target, a folder (the tokenizer) to a temporary folder renamed 
 by a kill are removed on the next start. The JSONL logs are appended a line at a time; a last line cut short
 by a kill is dropped on resume. ``SCALEBIO_KILL_AT=<point>:<n>`` ends the process at the n-th pass through a
 named point (``kill_point``), so tests can kill a run at exact moments.
+
+One process per run directory (``RunLock``): ``run.lock`` records the owner (pid, host, start time, command) and
+is held with an exclusive ``flock`` for the owner's life, so a process that died (``kill -9``) leaves no lock that
+counts. Signals (``SignalWatch``): SIGTERM, SIGINT and SIGUSR1 end a run after its current step with a
+checkpoint (``RunInterrupted``); ``SCALEBIO_SIGNAL_AT=<point>:<n>:<SIGNAME>[@<rank>]`` sends one at a named point,
+for tests.
 """
 
 from __future__ import annotations
@@ -24,9 +30,14 @@ import logging
 import os
 import platform
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -110,7 +121,9 @@ def kill_armed(name: str) -> bool:
 
 def kill_point(name: str) -> None:
     """``SCALEBIO_KILL_AT=<name>:<n>`` ends the process with ``os._exit`` (no cleanup, no flush of open files,
-    like ``kill -9``) the n-th time this process passes the point ``name``. Unset, it does nothing."""
+    like ``kill -9``) the n-th time this process passes the point ``name``. Unset, it does nothing. The same
+    point serves ``SCALEBIO_SIGNAL_AT`` (``signal_point``)."""
+    signal_point(name)
     spec = _kill_spec()
     if spec is None or spec[0] != name:
         return
@@ -121,8 +134,295 @@ def kill_point(name: str) -> None:
         os._exit(KILL_EXIT_CODE)
 
 
+SIGNAL_ENV = "SCALEBIO_SIGNAL_AT"
+_signal_hits: dict[str, int] = {}
+
+
+def signal_point(name: str) -> None:
+    """``SCALEBIO_SIGNAL_AT=<name>:<n>:<SIGNAME>`` sends SIGNAME to this process the n-th time it passes the point
+    ``name`` (counting afresh after each signal sent, so each run in one process gets one; with ``@<rank>``
+    appended: only the process whose ``RANK`` is that). Unset, it does nothing."""
+    spec = os.environ.get(SIGNAL_ENV)
+    if not spec:
+        return
+    spec, _, rank = spec.partition("@")
+    point, count, signame = spec.rsplit(":", 2)
+    if point != name or (rank and os.environ.get("RANK", "0") != rank):
+        return
+    _signal_hits[name] = _signal_hits.get(name, 0) + 1
+    if _signal_hits[name] == int(count):
+        _signal_hits[name] = 0
+        os.kill(os.getpid(), getattr(signal, signame))
+
+
 class RunDirError(ValueError):
     """A run-directory problem (not a directory, not writable, a malformed log); the message names the path."""
+
+
+class ResumeError(ValueError):
+    """The run directory's checkpoint does not belong to this config or these data files."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One process per run directory.
+
+LOCK_FILE = "run.lock"
+HEARTBEAT_S = 60.0
+"""The owner touches run.lock (its mtime) this often."""
+STALE_AFTER_S = 600.0
+"""Without flock (file systems that lack it), another host's lock whose mtime is older than this is stale."""
+
+
+class RunLockedError(RunDirError):
+    """Another live process owns the run directory; the message names the directory and the process."""
+
+
+def _process_start(pid: int) -> str | None:
+    """When a process started (field 22 of /proc/<pid>/stat, clock ticks since boot): tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` (on this host) is alive and is the one that started at ``start``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+class RunLock:
+    """Ownership of a run directory by one process (rank 0 of a distributed run): ``RUN_DIR/run.lock``.
+
+    The file records the owner (pid, host, start time, command) and is held with an exclusive ``flock`` while
+    the owner runs; the kernel (or, on a shared file system, the file server) drops the flock when the owner
+    dies, so a lock left by ``kill -9`` never blocks the next start: the file is then simply taken over. A
+    file system without flock falls back to the record: the lock is stale when its pid is dead on this host, or,
+    from another host, when its heartbeat (the file's mtime, touched every ``HEARTBEAT_S``) is older than
+    ``STALE_AFTER_S``. Deleting ``run.lock`` by hand overrides it. ``release`` removes the file.
+    """
+
+    def __init__(self, run_dir: str | Path, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self.stale_after_s, self.heartbeat_s = stale_after_s, heartbeat_s
+        self.fd: int | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def record(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "command": " ".join(sys.argv)}
+
+    def acquire(self) -> "RunLock":
+        """Take the lock or raise RunLockedError; changes nothing in the directory when refused."""
+        for _ in range(10):  # a retry only when the owner released (and removed) the file meanwhile
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._read(fd)
+                os.close(fd)
+                raise RunLockedError(self._refusal(holder)) from None
+            except (OSError, ImportError) as e:  # no flock on this file system
+                try:
+                    return self._acquire_by_record(fd, e)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._own(fd)
+                return self
+            os.close(fd)
+        raise RunLockedError(f"{self.run_dir}: could not take {self.path} (it kept being replaced)")
+
+    def _acquire_by_record(self, fd: int, why: Exception) -> "RunLock":
+        holder = self._read(fd)
+        if holder and not self._stale(holder, os.fstat(fd).st_mtime):
+            raise RunLockedError(self._refusal(holder))
+        log.warning("%s: no flock on this file system (%s); ownership is decided by the pid, host and heartbeat "
+                    "recorded in the file", self.path, getattr(why, "strerror", None) or why)
+        self._own(fd)
+        return self
+
+    def _stale(self, holder: dict, mtime: float) -> bool:
+        if holder.get("host") == socket.gethostname():
+            pid = holder.get("pid")
+            return not (isinstance(pid, int) and _pid_alive(pid, holder.get("process_start")))
+        return time.time() - mtime > self.stale_after_s
+
+    @staticmethod
+    def _read(fd: int) -> dict:
+        try:
+            text = os.pread(fd, 1 << 16, 0).decode("utf-8", "replace")
+            holder = json.loads(text) if text.strip() else {}
+        except (OSError, ValueError):
+            holder = {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _refusal(self, holder: dict) -> str:
+        who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {holder.get('started', '?')}"
+               + (f", command: {holder['command']}" if holder.get("command") else ""))
+        return (f"{self.run_dir}: run directory in use by another scalebio process ({who}); nothing was changed. "
+                f"Wait for it to end or stop it; if that process is gone (a lost node), delete {self.path}")
+
+    def _own(self, fd: int) -> None:
+        data = (json.dumps(self.record()) + "\n").encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+        self.fd = fd
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name="scalebio-run-lock", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.fd)
+            except (OSError, TypeError):
+                return
+
+    def release(self) -> None:
+        """Remove run.lock and drop the flock (removed while still held, so no other process takes a file that
+        is about to disappear)."""
+        if self.fd is None:
+            return
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                self.path.unlink()
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def own_run_dir(run_dir: str | Path, rank: int, world: int) -> RunLock | None:
+    """Rank 0 takes ``RunLock(run_dir)``; the ranks of one run are one owner. A refusal raises RunLockedError on
+    every rank (collective when ``world`` > 1). Returns the lock on rank 0, None elsewhere."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            if not Path(run_dir).is_dir():
+                RunDir(run_dir)  # creates it, or says what is wrong (a file)
+            try:
+                lock = RunLock(run_dir).acquire()  # before RunDir's write probes: a refusal changes nothing
+            except OSError:
+                RunDir(run_dir)  # says what is wrong (not writable)
+                raise
+            try:
+                RunDir(run_dir)
+            except RunDirError:
+                lock.release()
+                raise
+        except RunDirError as e:
+            error = e
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [None if error is None else (type(error).__name__, str(error))]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            kind = RunLockedError if box[0][0] == "RunLockedError" else RunDirError
+            error = kind(f"{box[0][1]} (rank 0's refusal, seen on rank {rank})")
+    if error is not None:
+        raise error
+    return lock
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Signals: finish the step, checkpoint, stop.
+
+INTERRUPT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+"""What ends a run gracefully: a kill or a scheduler's preemption, Ctrl-C, SLURM's ``--signal`` warning."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped by a signal after a completed step, its state checkpointed (or with no step done yet).
+    ``exit_code`` is 128 + the signal number, as a shell reports a process the signal ended."""
+
+    def __init__(self, signal_name: str, run_dir: str | Path, step: int | None = None, total: int | None = None,
+                 checkpoint: str | Path | None = None):
+        self.signal_name, self.run_dir, self.step, self.total = signal_name, str(run_dir), step, total
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.exit_code = 128 + int(getattr(signal, signal_name))
+        if step:
+            where = f"after step {step} of {total}" + (f" (checkpoint {self.checkpoint})" if self.checkpoint else "")
+        else:
+            where = "before its first step"
+        super().__init__(f"{self.run_dir}: interrupted by {signal_name} {where}")
+
+    def resume_line(self, command: str | None) -> str:
+        """One line for a person: what happened and the command that resumes."""
+        again = f": {command}" if command else ""
+        return f"{self}; to resume, run the same command again{again}"
+
+
+class SignalWatch:
+    """While installed (a context manager, in the main thread), SIGTERM, SIGINT and SIGUSR1 are caught. Before
+    ``defer()`` a signal raises RunInterrupted at once (nothing to save yet); after it, the signal is only
+    recorded and the training loop asks ``pending`` between steps, so the step in progress completes. The
+    previous handlers come back on exit."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = run_dir
+        self.received: str | None = None
+        self.deferring = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "SignalWatch":
+        if threading.current_thread() is threading.main_thread():
+            for name in INTERRUPT_SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def defer(self) -> None:
+        self.deferring = True
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            if self.deferring:
+                log.warning("%s received: finishing the current step, then writing a checkpoint and stopping", name)
+        if not self.deferring:
+            raise RunInterrupted(name, self.run_dir)
+
+    def pending(self, world: int = 1) -> str | None:
+        """The signal received (on any rank: a collective when ``world`` > 1), or None."""
+        if world == 1:
+            return self.received
+        from .distributed import all_reduce
+
+        seen = torch.zeros(len(INTERRUPT_SIGNALS), dtype=torch.float64)
+        if self.received is not None:
+            seen[INTERRUPT_SIGNALS.index(self.received)] = 1
+        seen = all_reduce(seen)
+        hit = [name for name, n in zip(INTERRUPT_SIGNALS, seen.tolist()) if n > 0]
+        return hit[0] if hit else None
 
 
 def write_text(path: Path, text: str) -> None:

@@ -7,7 +7,10 @@ checkpoint; a resume whose files differ is refused, naming the file and both dig
 earlier run's outputs first. A trained tokenizer is saved atomically beside the digest of the data it was trained
 on and retrained when that digest no longer matches (or the folder is incomplete). λ and p are checked after
 every step and the parameters before every checkpoint: nothing non-finite is written. meta.json ends as
-``finished``, ``stopped``, ``failed`` (with the error) or ``interrupted``.
+``finished``, ``stopped``, ``failed`` (with the error) or ``interrupted`` (with the signal). ``run_reweight``
+owns the run directory for the run (``results.RunLock``, taken by rank 0 before anything there changes) and
+catches SIGTERM, SIGINT and SIGUSR1: the step in progress completes, a checkpoint is written, and
+``RunInterrupted`` says how to resume.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from .config import RunConfig, sampling_mode, to_dict
 from .lisa import Lisa
 from .models import (build_model, check_max_length, load_tokenizer, model_position_limit, position_limit,
                      special_token_ids)
-from .results import (RunDir, RunDirError, git_revision, hardware, kill_point, package_versions, replace_dir,
-                      write_json, write_text)
+from .results import (ResumeError, RunDir, RunDirError, RunInterrupted, SignalWatch, git_revision, hardware,
+                      kill_point, own_run_dir, package_versions, replace_dir, write_json, write_text)
 from .solver import CausalLMObjective, NonFiniteLossError, ScaleBiO
 from .weights import file_sha256, weights_record
 
@@ -49,10 +52,6 @@ def config_digest(cfg: RunConfig) -> str:
     for key in ("resume", "run_dir", "source_file"):
         payload.pop(key, None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class ResumeError(ValueError):
-    """The run directory's checkpoint does not belong to this config or these data files."""
 
 
 TOKENIZER_STAMP = "scalebio_tokenizer.json"
@@ -223,10 +222,16 @@ class Reweighting:
     # -- the loop ------------------------------------------------------------------------------------------
     def run_loop(self, stop_after: int | None = None, progress: bool = True) -> dict | None:
         """Run to the end (or until ``stop_after`` completed steps, for tests of resuming). Returns the
-        weights record when the run finished. On any error meta.json says ``failed`` with the message."""
+        weights record when the run finished. On any error meta.json says ``failed`` with the message. A
+        SIGTERM, SIGINT or SIGUSR1 (on any rank) ends the run after the step in progress: checkpoint, meta.json
+        ``interrupted`` with the signal, then RunInterrupted."""
         t0 = time.time()
         try:
-            return self._loop(stop_after, progress, t0)
+            with SignalWatch(self.run.path) as signals:
+                signals.defer()
+                return self._loop(stop_after, progress, t0, signals)
+        except RunInterrupted:
+            raise  # meta.json says so already
         except KeyboardInterrupt:
             self._write_meta_safely("interrupted", time.time() - t0, "KeyboardInterrupt")
             raise
@@ -234,13 +239,17 @@ class Reweighting:
             self._write_meta_safely("failed", time.time() - t0, f"{type(e).__name__}: {e}")
             raise
 
-    def _loop(self, stop_after: int | None, progress: bool, t0: float) -> dict | None:
+    def _loop(self, stop_after: int | None, progress: bool, t0: float, signals: SignalWatch) -> dict | None:
         cfg, solver = self.cfg, self.solver
         start = self._start()
+        self._saved_step = start
         end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
         bar = tqdm(range(start, end), initial=start, total=self.total_steps, desc="scalebio reweight",
                    disable=not progress or self.rank != 0, dynamic_ncols=True)
         for step in bar:
+            received = signals.pending(self.world)  # every rank agrees: a collective when distributed
+            if received is not None:
+                self._interrupt(received, step, time.time() - t0)
             alpha = solver.begin_step(step, self.steps_per_outer)
             train, val = self._draw()
             stats = solver.step(train, val)  # NonFiniteLossError propagates; the last checkpoint stays
@@ -256,6 +265,17 @@ class Reweighting:
         record = self._write_weights(end)
         self._write_meta("finished", time.time() - t0)
         return record
+
+    def _interrupt(self, signal_name: str, completed: int, wall: float) -> None:
+        """After a signal, between steps: checkpoint the ``completed`` steps (unless just saved), mark meta.json
+        ``interrupted`` with the signal, raise RunInterrupted."""
+        if completed > self._saved_step:
+            self._checkpoint(completed)
+        latest = self.run.latest_checkpoint() if completed else None
+        self._write_meta("interrupted", wall, extra={"signal": signal_name, "steps_completed": completed})
+        if self.world > 1:  # no rank exits (and has a launcher stop the others) before rank 0 has saved
+            torch.distributed.barrier()
+        raise RunInterrupted(signal_name, self.run.path, completed, self.total_steps, latest)
 
     def _start(self) -> int:
         """Resume from the newest checkpoint, or start fresh (clearing logs of an older run in the folder)."""
@@ -366,6 +386,7 @@ class Reweighting:
     def _checkpoint(self, completed: int) -> None:
         self._check_weights(completed - 1)
         self._check_parameters(completed - 1)
+        self._saved_step = completed
         if self.rank != 0 and self.sharding == "none":
             return
         solver_state = self.solver.state_dict()  # with FSDP a collective: every rank gathers, rank 0 saves
@@ -382,7 +403,7 @@ class Reweighting:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         })
 
-    def _write_meta(self, status: str, wall: float, error: str | None = None) -> None:
+    def _write_meta(self, status: str, wall: float, error: str | None = None, extra: dict | None = None) -> None:
         if self.rank != 0:
             return
         path = self.run.path / "meta.json"
@@ -408,6 +429,7 @@ class Reweighting:
         }
         if error is not None:
             meta["error"] = error
+        meta.update(extra or {})
         write_json(path, meta)
 
     def _write_meta_safely(self, status: str, wall: float, error: str) -> None:
@@ -446,26 +468,43 @@ class Reweighting:
         return record
 
 
-def mark_failed(run_dir: str | Path, error: str) -> None:
-    """Set an existing run_dir/meta.json to ``failed`` with the error (for errors before the loop starts)."""
+def mark_failed(run_dir: str | Path, error: str, status: str = "failed", **extra) -> None:
+    """Set an existing run_dir/meta.json to ``failed`` (or ``status``) with the error (for errors before the loop
+    starts)."""
     path = Path(run_dir) / "meta.json"
     try:
         if not path.is_file():
             return
         meta = json.loads(path.read_text())
-        meta.update(status="failed", error=error, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        meta.update(status=status, error=error, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    **extra)
         write_json(path, meta)
     except (OSError, ValueError):
-        log.warning("could not mark %s failed", path)
+        log.warning("could not mark %s %s", path, status)
 
 
 def run_reweight(cfg: RunConfig, stop_after: int | None = None, progress: bool = True) -> dict | None:
+    """Build and run; rank 0 owns run_dir meanwhile (a second run on it is refused, RunLockedError). A signal
+    before the loop ends the run at once (nothing to save yet), during it after the step in progress
+    (RunInterrupted either way)."""
+    init_distributed()
+    rank, world = rank_and_world()
+    lock = own_run_dir(cfg.run_dir, rank, world)
     try:
-        rw = Reweighting(cfg)
-    except RunDirError:
-        raise  # the folder itself is the problem
-    except Exception as e:
-        if rank_and_world()[0] == 0:
-            mark_failed(cfg.run_dir, f"{type(e).__name__}: {e}")
-        raise
-    return rw.run_loop(stop_after=stop_after, progress=progress)
+        with SignalWatch(cfg.run_dir):
+            try:
+                rw = Reweighting(cfg)
+            except RunDirError:
+                raise  # the folder itself is the problem
+            except RunInterrupted as e:
+                if rank == 0:
+                    mark_failed(cfg.run_dir, str(e), status="interrupted", signal=e.signal_name)
+                raise
+            except Exception as e:
+                if rank == 0:
+                    mark_failed(cfg.run_dir, f"{type(e).__name__}: {e}")
+                raise
+            return rw.run_loop(stop_after=stop_after, progress=progress)
+    finally:
+        if lock is not None:
+            lock.release()
