@@ -58,10 +58,10 @@ def test_mixed_file_counts_truncation_and_names_bad_records(tmp_path, gpt2):
     with pytest.raises(data_mod.DataError, match=r"train.jsonl: empty after truncation: every example lost its response"):
         data_mod.build_mixed_set(cfg.train, cfg, gpt2, cfg.max_length)
     cfg = _config(tmp_path, [*alpaca_records(2, seed=3), {"instruction": "no output"}])
-    with pytest.raises(data_mod.DataError, match=r"train.jsonl: record 2: cannot detect the format"):
+    with pytest.raises(data_mod.DataError, match=r"train.jsonl:3: cannot detect the format"):
         data_mod.build_mixed_set(cfg.train, cfg, gpt2, cfg.max_length)
     cfg = _config(tmp_path, [*alpaca_records(2, seed=3), {"instruction": "q", "output": 3}])
-    with pytest.raises(data_mod.DataError, match=r"train.jsonl: record 2: field 'output': expected a string"):
+    with pytest.raises(data_mod.DataError, match=r"train.jsonl:3: field 'output': expected a string"):
         data_mod.build_mixed_set(cfg.train, cfg, gpt2, cfg.max_length)
 
 

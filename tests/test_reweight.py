@@ -109,7 +109,7 @@ def test_record_missing_field(tmp_path):
     records = alpaca_records(8, 0)
     del records[3]["output"]
     write_jsonl(tmp_path / "data" / "s0.jsonl", records)
-    with pytest.raises(DataError, match=r"s0.jsonl.*record 3.*'output'"):
+    with pytest.raises(DataError, match=r"s0.jsonl:4: missing field 'output'"):
         run_reweight(load_config(path), progress=False)
 
 
