@@ -209,6 +209,18 @@ class Protocol:
 
     # ---- units --------------------------------------------------------------------------------------------
 
+    def _relativize(self, out: Path) -> None:
+        """Committed files name no machine paths: paths under this checkout, under the checkout that ran a unit
+        (a pinned worktree: its config.yaml's source_file) and under the runs folder become relative to them."""
+        import yaml
+
+        roots = [REPO, self.runs]
+        config = out / "config.yaml"
+        if config.is_file() and (source := (yaml.safe_load(config.read_text()) or {}).get("source_file")):
+            roots.append(Path(source).parents[2])  # <checkout>/experiments/llama3/<preset>.yaml
+        for root in roots:
+            relativize(out, root)
+
     def _unit_file(self, work: Path, name: str, started: float, extra: dict | None = None) -> None:
         (work / UNIT_FILE).write_text(json.dumps(unit_record(name, started, extra), indent=2) + "\n")
 
@@ -248,7 +260,7 @@ class Protocol:
                     {"unit": name, "state": "done", "steps": steps, **{k: meta.get(k) for k in (
                         "git_revision", "started", "updated", "wall_time_s", "hardware", "precision")}},
                     indent=2) + "\n")
-            relativize(out, REPO)
+            self._relativize(out)
 
         def done() -> bool:
             return self.reweight_done(run_dir, cfg) or (self.published(out) and self.reweight_done(out, cfg))
@@ -312,7 +324,7 @@ class Protocol:
             for f in ("eval.json", "eval_samples.jsonl", UNIT_FILE):
                 if (work / f).is_file():
                     shutil.copy2(work / f, out / f)
-            relativize(out, REPO)
+            self._relativize(out)
 
         def finished() -> bool:
             return (work / "eval_samples.jsonl").is_file() and (work / UNIT_FILE).is_file()
@@ -366,7 +378,7 @@ class Protocol:
             copy_retrain_results(work, out, manifest, REPO)
             for f in ("eval_samples.jsonl", UNIT_FILE):
                 shutil.copy2(work / f, out / f)
-            relativize(out, REPO)
+            self._relativize(out)
 
         needs = ("pool", f"reweight_seed{rw_seed}") if weights else ("pool",)
         return Unit(name, run=run, done=lambda: finished() or published(), publish=lambda: finished() and publish(),
