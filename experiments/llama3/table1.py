@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
 from scalebio.evaluation.record import read_samples  # noqa: E402
+from scalebio.files import write_text  # noqa: E402
 from scalebio.results import read_jsonl  # noqa: E402
 from scalebio.stats import Ratio, paired_bootstrap, spearman, task_ratios, verdict  # noqa: E402
 
@@ -448,12 +449,6 @@ def render_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def build_table(results: str | Path, out: str | Path, results_label: str | None = None,
                 figures: str | Path | None = None) -> tuple[Path, Path]:
     """Write ``out``/table1.md and ``out``/table1.csv from ``results`` (and, given ``figures`` and protocol
@@ -465,9 +460,9 @@ def build_table(results: str | Path, out: str | Path, results_label: str | None 
     label = results_label or (str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else resolved.name)
     out.mkdir(parents=True, exist_ok=True)
     md, csv_path = out / "table1.md", out / "table1.csv"
-    _atomic_write(md, render_markdown(bench, weights, label, render_protocol(protocol, f"{label}/{PROTOCOL}")))
+    write_text(md, render_markdown(bench, weights, label, render_protocol(protocol, f"{label}/{PROTOCOL}")))
     protocol_rows = [r for k in ("bench", "differences", "weights", "spearman", "control") for r in protocol[k]]
-    _atomic_write(csv_path, render_csv(bench + weights + protocol_rows + reported_rows()))
+    write_text(csv_path, render_csv(bench + weights + protocol_rows + reported_rows()))
     if figures is not None:
         plot_protocol_weights(protocol, Path(figures))
     return md, csv_path

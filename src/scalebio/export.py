@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .weights import atomic_write_text, load_weights
+from .files import write_text
+from .weights import load_weights
 
 
 @dataclass(frozen=True)
@@ -412,7 +413,7 @@ def write_export(outputs: dict[str, str], out: str | Path | None) -> list[Path]:
     written = []
     for suffix, text in outputs.items():
         path = out if suffix == "" else out.with_name(out.stem + suffix)
-        atomic_write_text(path, text)
+        write_text(path, text)
         written.append(path)
     return written
 

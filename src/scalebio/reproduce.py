@@ -293,12 +293,9 @@ def render_report(title: str, rows: list[dict], files: dict[str, dict], committe
 
 
 def write_report(path: str | Path, text: str) -> Path:
-    from .weights import atomic_write_text
+    from .files import write_text
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
-    return path
+    return write_text(path, text)
 
 
 def reproduce_report(title: str, repo: str | Path, results_rel: str, claims_of, out: str | Path,

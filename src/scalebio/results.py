@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from .weights import atomic_write_text
+from . import files
 
 log = logging.getLogger(__name__)
 
@@ -426,9 +426,9 @@ class SignalWatch:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Atomic whole-file write (weights.atomic_write_text), with the kill point ``write.<name>`` before the rename."""
+    """Atomic whole-file write (files.write_text), with the kill point ``write.<name>`` before the rename."""
     path = Path(path)
-    atomic_write_text(path, text, before_replace=lambda: kill_point(f"write.{path.name}"))
+    files.write_text(path, text, before_replace=lambda: kill_point(f"write.{path.name}"))
 
 
 def write_json(path: Path, data: Any) -> None:

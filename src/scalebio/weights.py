@@ -8,12 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .files import write_text
 
 WEIGHTS_FORMAT = "scalebio.weights/1"
 
@@ -49,26 +49,6 @@ def lambda_gradient(p: torch.Tensor, loss_w: torch.Tensor, loss_u: torch.Tensor,
     d = torch.where(present, loss_w - loss_u, torch.zeros_like(loss_w))
     jac = torch.diag(p) - torch.outer(p, p)
     return alpha * jac @ d
-
-
-def atomic_write_text(path: Path, text: str, before_replace=None) -> None:
-    """Write a file so that readers see the old content or the new one, never a partial file: a temporary file
-    beside ``path``, fsynced, then renamed over it (``before_replace()`` runs just before the rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def file_sha256(path: Path) -> str:
@@ -117,7 +97,7 @@ def weights_record(names: list[str], lam: torch.Tensor, example_counts: dict[str
 
 
 def write_weights(path: Path, record: dict) -> None:
-    atomic_write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
 WEIGHTS_TOLERANCE = 1e-6

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
+
+from ..files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def write_record(results: dict, out: Path, model_name: str, limit: int | None, l
     out.parent.mkdir(parents=True, exist_ok=True)
     from lm_eval.utils import handle_non_serializable
 
-    _atomic_write(out.with_suffix(".full.json"), json.dumps(results, indent=2, default=handle_non_serializable))
-    _atomic_write(out, json.dumps(compact, indent=2))
+    write_text(out.with_suffix(".full.json"), json.dumps(results, indent=2, default=handle_non_serializable))
+    write_text(out, json.dumps(compact, indent=2))
     for task, row in compact["tasks"].items():
         log.info("%s: %s", task, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
     return compact
@@ -103,7 +103,7 @@ def write_samples(samples: dict[str, list[dict]], out: Path) -> list[dict]:
     lines = compact_samples(samples)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, "".join(json.dumps(line) + "\n" for line in lines))
+    write_text(out, "".join(json.dumps(line) + "\n" for line in lines))
     return lines
 
 
@@ -112,15 +112,3 @@ def read_samples(path: Path) -> list[dict]:
     from ..data import read_records
 
     return read_records(Path(path))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

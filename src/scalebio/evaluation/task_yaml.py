@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .record import _atomic_write
+from ..files import write_text
 
 YAML_HELPER_MODULE = "scalebio_lm_eval"
 """The Python file that ``write_task_yaml`` puts beside a YAML; its ``!function`` hooks import from here."""
@@ -67,14 +67,14 @@ def write_task_yaml(task: dict, path: Path) -> None:
     header = (f"# lm_eval --model hf --model_args pretrained=MODEL_DIR,dtype=float32 "
               f"--include_path {path.parent} --tasks {task['task']}\n"
               f"# Written by scalebio.evaluation.write_task_yaml; scalebio.evaluation's docstring defines the metrics.\n")
-    _atomic_write(path, header + yaml.dump(_to_yaml_value(task), Dumper=_TaskDumper, sort_keys=False,
+    write_text(path, header + yaml.dump(_to_yaml_value(task), Dumper=_TaskDumper, sort_keys=False,
                                            allow_unicode=True))
     hooks = sorted({v.split(".", 1)[1] for v in _functions_in(_to_yaml_value(task))})
     helper = path.parent / f"{YAML_HELPER_MODULE}.py"
     existing = set(re.findall(r"^from scalebio\.evaluation import (\w+)", helper.read_text(), re.M)) \
         if helper.is_file() else set()
     names = sorted(existing | set(hooks))
-    _atomic_write(helper, '"""lm-eval !function hooks of the task YAMLs in this folder (written by '
+    write_text(helper, '"""lm-eval !function hooks of the task YAMLs in this folder (written by '
                           'scalebio.evaluation.write_task_yaml)."""\n'
                   + "".join(f"from scalebio.evaluation import {n}  # noqa: F401\n" for n in names))
 

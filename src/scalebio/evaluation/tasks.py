@@ -13,7 +13,7 @@ from pathlib import Path
 from ..data import DataError, check_record, detect_format, read_records, render_segments, to_messages
 from .hooks import (EXACT_MATCH_IGNORE, NUMBER_REGEX, extract_answer, nll_per_token, process_response_loglik,
                     process_text_rolling)
-from .record import _atomic_write
+from ..files import write_text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def _write_docs(docs: list[dict], name: str, rendered_dir: Path | None, key: str
     folder.mkdir(parents=True, exist_ok=True)
     path = (folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{digest}.jsonl").resolve()
     if not path.is_file():
-        _atomic_write(path, text)
+        write_text(path, text)
     return path
 
 

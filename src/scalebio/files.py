@@ -1,0 +1,33 @@
+"""The one way this package writes a whole file: atomically.
+
+Readers see the old content or the new one, never a partial file: the text goes to a temporary file beside the
+target (a unique name, so two writers never share it), is flushed and fsynced, then renamed over the target.
+``results.write_text`` adds a kill point before the rename for the crash tests; everything else calls this.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def write_text(path: str | Path, text: str, before_replace: Callable[[], None] | None = None) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, creating its folder; ``before_replace()`` runs just before
+    the rename. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
