@@ -7,6 +7,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# `precision: auto` picks fp32 on every CPU here, whatever its bf16 units, so that no verdict depends on the machine
+# (subprocesses inherit it). Tests of bf16 name it explicitly; tests of auto's detection unset it.
+os.environ["SCALEBIO_CPU_AUTO"] = "fp32"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
-from scalebio.precision import cpu_bf16_flags
+from scalebio import precision as library_precision
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -120,10 +120,12 @@ def test_table_rows_follow_the_results(smoke, tmp_path):
     assert rows["MFU of the SFT step, bf16 (6·N·tokens ÷ time ÷ bf16 matmul peak)"].endswith("≥ 0.4: MISSED |")
     assert "not measured: " in rows["‖p_bf16 − p_fp32‖₁ after 30 reweighting steps, same seed"]
     assert len(rows["SFT step, bf16 ÷ fp32"].split(" | ")) == 4  # label, 1 thread, 2 threads, target
-    # The profile runs in the precision `auto` gives this CPU (bf16 with AVX-512 BF16 or AMX, else fp32): the
-    # heading follows what profile.json recorded, checked for both values so the verdict is the same on every CPU.
+    # The profile runs in the precision `auto` gives (fp32 under the suite's SCALEBIO_CPU_AUTO; bf16 with AVX-512 BF16
+    # or AMX otherwise): the heading follows what profile.json recorded, checked for both values so the verdict is
+    # the same on every CPU.
     profile = json.loads((smoke / "profile.json").read_text())
-    assert profile["results"]["precision"] == ("bf16" if cpu_bf16_flags() else "fp32")
+    auto = library_precision.resolve("auto", torch.device("cpu"))
+    assert profile["results"]["precision"] == ("bf16" if auto == torch.bfloat16 else "fp32")
     for recorded in ("fp32", "bf16"):
         profile["results"]["precision"] = recorded
         (tmp_path / "profile.json").write_text(json.dumps(profile))

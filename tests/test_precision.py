@@ -245,8 +245,10 @@ def gap_error(u, w, choice: str, gap: str = "fp32") -> float:
 @pytest.mark.parametrize("choice, cpu_flags", [("fp32", None), ("bf16", None), ("auto", None),
                                                ("auto", ("avx512_bf16",)), ("auto", ())])
 def test_gap_under_every_precision_matches_fp64(pretrained, choice, cpu_flags, monkeypatch):
-    """``auto`` on this CPU, and with the CPU's bf16 units faked present and absent (auto → bf16, auto → fp32)."""
+    """``auto`` as the suite runs it (SCALEBIO_CPU_AUTO=fp32), and detecting the CPU's bf16 units faked present
+    and absent (auto → bf16, auto → fp32)."""
     if cpu_flags is not None:
+        monkeypatch.delenv(precision.CPU_AUTO_ENV)
         monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: cpu_flags)
         assert precision.resolve("auto", torch.device("cpu")) == (torch.bfloat16 if cpu_flags else torch.float32)
     _, u, w = pretrained
@@ -281,3 +283,29 @@ def test_lambda_trajectory_bf16_follows_fp32(pretrained):
     assert fp32[-1].abs().max() > 0.1  # λ moved by ~10 Adam steps
     assert relative_distance(lambda_trajectory(model, "bf16"), fp32).max() < 0.05
     assert relative_distance(lambda_trajectory(model, "bf16", gap="compute"), fp32).max() > 0.2
+
+
+@pytest.mark.parametrize("env, flags, expected", [("fp32", ("amx_bf16",), torch.float32), ("bf16", (), torch.bfloat16),
+                                                  ("", ("avx512_bf16",), torch.bfloat16), ("", (), torch.float32)])
+def test_cpu_auto_override_fixes_what_auto_picks(monkeypatch, env, flags, expected):
+    """SCALEBIO_CPU_AUTO decides ``auto`` on a CPU whatever its bf16 units; unset, the units decide. The suite's own
+    setting is fp32 (conftest.py), so no test's verdict depends on the machine."""
+    monkeypatch.setenv(precision.CPU_AUTO_ENV, env)
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: flags)
+    assert precision.resolve("auto", torch.device("cpu")) == expected
+    assert precision.resolve("fp32", torch.device("cpu")) == torch.float32  # explicit choices ignore it
+    assert precision.resolve("bf16", torch.device("cpu")) == torch.bfloat16
+    meta = precision.record("auto", expected, torch.device("cpu"))
+    assert meta.get("cpu_auto_from") == (f"SCALEBIO_CPU_AUTO={env}" if env else None)
+
+
+def test_cpu_auto_override_rejects_other_values(monkeypatch):
+    monkeypatch.setenv(precision.CPU_AUTO_ENV, "fp16")
+    with pytest.raises(ConfigError, match="SCALEBIO_CPU_AUTO='fp16'"):
+        precision.resolve("auto", torch.device("cpu"))
+
+
+def test_the_suite_runs_auto_as_fp32():
+    """conftest.py's setting is in force (a test that resolves ``auto`` gets fp32 on every machine)."""
+    assert os.environ.get(precision.CPU_AUTO_ENV) == "fp32"
+    assert precision.resolve("auto", torch.device("cpu")) == torch.float32

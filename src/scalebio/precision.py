@@ -26,13 +26,15 @@ bits, close to bf16's 8, and would lose the gap the same way; on a CPU, ``torch.
 
 ``auto`` picks bf16 on a CUDA device that supports it, or on a CPU with bf16 matrix instructions (AMX-BF16 or
 AVX-512 BF16), else fp32: the fastest of the two where both give λ's gradient at cosine >= 0.99 with an fp64
-reference at every point measured (benchmarks/README.md, "Gap noise"). Without bf16 units the CPU emulates bf16
+reference at every point measured (benchmarks/README.md, "Gap noise"). ``SCALEBIO_CPU_AUTO=fp32|bf16`` fixes the
+CPU's choice instead of detecting it (the test suite sets fp32). Without bf16 units the CPU emulates bf16
 matmuls, 5.9× slower than fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,6 +48,9 @@ GAP_CHOICES = ("fp32", "compute")
 """``solver.gap_precision``: where the per-source losses of λ's step come from (module docstring, rule 3)."""
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+CPU_AUTO_ENV = "SCALEBIO_CPU_AUTO"
+"""Set to ``fp32`` or ``bf16`` to fix what ``auto`` picks on a CPU instead of detecting bf16 units. The test suite
+sets ``fp32`` so that no verdict depends on the machine's bf16 units (tests of bf16 name ``bf16`` explicitly)."""
 
 
 @lru_cache(maxsize=1)
@@ -77,7 +82,24 @@ def resolve(choice: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if cuda_bf16() else torch.float32
+    forced = cpu_auto_override()
+    if forced is not None:
+        return DTYPES[forced]
     return torch.bfloat16 if cpu_bf16_flags() else torch.float32
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def cpu_auto_override() -> str | None:
+    """``fp32`` / ``bf16`` when the environment fixes what ``auto`` picks on a CPU (``SCALEBIO_CPU_AUTO``), else None."""
+    value = os.environ.get(CPU_AUTO_ENV, "").strip()
+    if not value:
+        return None
+    if value not in DTYPES:
+        raise ConfigError(f"environment variable {CPU_AUTO_ENV}={value!r}: expected fp32 or bf16 (or unset, to detect "
+                          f"the CPU's bf16 units)")
+    return value
 
 
 @contextlib.contextmanager
@@ -145,6 +167,7 @@ def record(choice: str, dtype: torch.dtype, device: torch.device, gap_precision:
         "compute_dtype": "bf16" if bf16 else "fp32",
         "device": device.type,
         "cpu_bf16_flags": list(cpu_bf16_flags()),
+        **({"cpu_auto_from": f"{CPU_AUTO_ENV}={cpu_auto_override()}"} if cpu_auto_override() else {}),
         "cuda_bf16": cuda_bf16(),
         "master_weights": "fp32 (parameters and AdamW moments; bf16/fp16-loaded models upcast)",
         "method": "torch.autocast bf16 forward/backward" if bf16 else "fp32 (TF32 and reduced-precision matmuls off)",
