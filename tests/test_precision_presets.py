@@ -63,3 +63,20 @@ def test_llama3_presets_pin_bf16_compute_with_fp32_master(name):
     assert data["precision"] == "bf16" and data["model"]["dtype"] == "bfloat16"  # the load dtype; trained in fp32
     if "solver" in data:
         assert data["solver"]["gap_precision"] == "fp32"
+
+
+def test_every_llama3_run_preset_names_its_precision():
+    """Every run preset of experiments/llama3 (reweighting and fine-tuning) pins ``precision``, and a reweighting
+    preset its ``solver.conventions`` (and ``solver.gap_precision`` unless it runs fp32, where the gap has no other
+    source): a later default cannot change what it runs."""
+    presets = 0
+    for path in sorted((REPO / "experiments" / "llama3").glob("*.yaml")):
+        data = _raw(path)
+        if not isinstance(data, dict) or not ({"model", "solver", "train"} & set(data)):
+            continue  # accelerate launcher files
+        presets += 1
+        assert "precision" in data, path
+        if "solver" in data:
+            assert "conventions" in data["solver"], path
+            assert data["precision"] == "fp32" or "gap_precision" in data["solver"], path
+    assert presets == 8  # offline, protocol, 8B, 70B: reweighting and fine-tuning each
