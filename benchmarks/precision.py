@@ -235,8 +235,10 @@ def reweight_l1(config: str | Path, overrides: list[str], steps: int, threads: i
             record = run_reweight(cfg, progress=False)
             runs[name] = {"weights": record["probabilities"], "seconds": time.perf_counter() - start}
     l1 = sum(abs(a - b) for a, b in zip(runs["fp32"]["weights"], runs["bf16"]["weights"]))
-    return {"median": l1, "steps": steps, "config": str(config), "overrides": overrides,
-            "sources": record["sources"], "runs": runs}
+    config = Path(config)
+    shown = config.relative_to(REPO) if config.is_relative_to(REPO) else config
+    return {"median": l1, "steps": steps, "config": str(shown), "overrides": overrides,
+            "gap_precision": cfg.solver.gap_precision, "sources": record["sources"], "runs": runs}
 
 
 def run(model: str, batch: int, seq_len: int, k: int, gamma: int, threads: list[int], reps: list[int],

@@ -118,7 +118,7 @@ def test_table_rows_follow_the_results(smoke, tmp_path):
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.precision_lines(tmp_path)}
     assert rows["SFT step, bf16 ÷ fp32"].endswith("≤ 0.4: met |")
     assert rows["MFU of the SFT step, bf16 (6·N·tokens ÷ time ÷ bf16 matmul peak)"].endswith("≥ 0.4: MISSED |")
-    assert "not measured: " in rows["‖p_bf16 − p_fp32‖₁ after 30 reweighting steps, same seed"]
+    assert "not measured: " in rows["‖p_bf16 − p_fp32‖₁ after 30 reweighting steps, same seed (bf16 with λ's losses in fp32)"]
     assert len(rows["SFT step, bf16 ÷ fp32"].split(" | ")) == 4  # label, 1 thread, 2 threads, target
     # The profile runs in the precision `auto` gives (fp32 under the suite's SCALEBIO_CPU_AUTO; bf16 with AVX-512 BF16
     # or AMX otherwise): the heading follows what profile.json recorded, checked for both values so the verdict is
