@@ -3,22 +3,19 @@ whole comparison of one experiment at toy size: every arm trains on exactly N ex
 table has a row per method with an interval and a difference from uniform, and a second run recomputes nothing."""
 
 import json
-import sys
 
 import pytest
 import torch
 import yaml
 
 from conftest import REPO
+from experiments.gpt2 import compare, compare_report, pipeline
 
-sys.path.insert(0, str(REPO / "experiments" / "gpt2"))
 TASKS = ["denoising", "multilingual", "instruction_following"]
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_settings_name_the_pipelines_variants_and_every_baseline(task):
-    import compare
-
     plan, settings = compare.load_settings(task, "cpu", smoke=False)
     assert set(settings["variants"]) <= {v["name"] for v in plan["variants"]}
     assert settings["methods"] == list(compare.METHODS)
@@ -32,7 +29,6 @@ def test_settings_name_the_pipelines_variants_and_every_baseline(task):
 
 def test_pass_counter_tells_training_passes_from_forward_only_passes():
     """A forward with autograd on counts as forward+backward, one under no_grad as forward only, per part."""
-    import compare
     from scalebio.config import ModelConfig
     from scalebio.models import build_model
 
@@ -56,10 +52,6 @@ def test_pass_counter_tells_training_passes_from_forward_only_passes():
 
 @pytest.mark.slow
 def test_compare_smoke_every_arm_draws_n_costs_recorded_table_complete_and_resumes(tmp_path, shared_data, monkeypatch):
-    import compare
-    import compare_report
-    import pipeline
-
     task = "denoising"
     runs, results = tmp_path / "runs", tmp_path / "results" / "gpt2" / task
     out = compare.run_compare(task, "cpu", smoke=True, runs_root=runs, results_root=results)

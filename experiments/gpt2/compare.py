@@ -102,19 +102,22 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scalebio.config import load_config
+from scalebio.evaluation import evaluate, load_task_yaml
+from scalebio.finetune import FinetuneConfig, finetune
+from scalebio.reproduce import arm_finished, prune, reweight_finished
+from scalebio.results import write_json
+from scalebio.stages import Campaign, Unit
 
-import pipeline  # noqa: E402  (the experiment's own units: data, reweighting, the uniform / learned retrain arms)
-from scalebio.config import load_config  # noqa: E402
-from scalebio.evaluation import evaluate, load_task_yaml  # noqa: E402
-from scalebio.finetune import FinetuneConfig, finetune  # noqa: E402
-from scalebio.reproduce import arm_finished, prune, reweight_finished  # noqa: E402
-from scalebio.results import write_json  # noqa: E402
-from scalebio.stages import Campaign, Unit  # noqa: E402
+if __name__ == "__main__" and not __package__:  # run by its path: run it as the module it is (scalebio.scripts)
+    from scalebio.scripts import run_as_module
+    run_as_module(__file__)
+
+from experiments.gpt2 import pipeline  # noqa: E402  (the experiment's own units: data, reweighting, retrain arms)
 
 log = logging.getLogger("gpt2.compare")
+
+REPO = Path(__file__).resolve().parents[2]
 
 METHODS = ("uniform", "scalebio", "rho_loss", "less", "doremi")
 SELECTED = ("rho_loss", "less")

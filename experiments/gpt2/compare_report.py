@@ -22,13 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from scalebio.evaluation.record import read_samples
+from scalebio.plotting import save_figure, style
+from scalebio.stats import Ratio, paired_bootstrap, task_ratios, verdict
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "src"))
-
-from scalebio.evaluation.record import read_samples  # noqa: E402
-from scalebio.plotting import save_figure, style  # noqa: E402
-from scalebio.stats import Ratio, paired_bootstrap, task_ratios, verdict  # noqa: E402
-
 TASKS = ("denoising", "multilingual", "instruction_following")
 METHODS = ("uniform", "scalebio", "rho_loss", "less", "doremi")
 LABELS = {"uniform": "uniform", "scalebio": "ScaleBiO", "rho_loss": "RHO-LOSS", "less": "LESS", "doremi": "DoReMi"}

@@ -24,19 +24,18 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "src"))
-
-from scalebio.config import load_config  # noqa: E402
-from scalebio.evaluation import evaluate, load_task_yaml  # noqa: E402
-from scalebio.finetune import FinetuneConfig, finetune  # noqa: E402
-from scalebio.resample import pool_from_run, resample  # noqa: E402
-from scalebio.results import copy_retrain_results, copy_run_results  # noqa: E402
-from scalebio.reproduce import arm_finished, prune, reweight_finished  # noqa: E402
-from scalebio.reweight import run_reweight  # noqa: E402
-from scalebio.stages import Campaign, Unit  # noqa: E402
+from scalebio.config import load_config
+from scalebio.evaluation import evaluate, load_task_yaml
+from scalebio.finetune import FinetuneConfig, finetune
+from scalebio.resample import pool_from_run, resample
+from scalebio.results import copy_retrain_results, copy_run_results
+from scalebio.reproduce import arm_finished, prune, reweight_finished
+from scalebio.reweight import run_reweight
+from scalebio.stages import Campaign, Unit
 
 log = logging.getLogger("gpt2.pipeline")
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def load_plan(task: str, preset: str, smoke: bool) -> dict:

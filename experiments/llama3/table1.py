@@ -30,7 +30,7 @@ documents of eval_samples.jsonl) and its verdict. Weights: each seed's beside RE
 correlation of every pair of seeds (and of each seed with the reported weights on the shared sources), and the
 control source's final weight against 1/k. The CSV gains the columns ci_lo, ci_hi, verdict when these rows exist.
 
-Each task is shown by one metric (PRIMARY_METRICS order). Output is sorted and formatted with fixed decimals,
+Each task is shown by one metric (scalebio.evaluation.record.primary_metric). Output is sorted and formatted with fixed decimals,
 so the same results give byte-identical files.
 """
 
@@ -47,20 +47,14 @@ import sys
 from itertools import combinations
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "src"))
-
-from scalebio.evaluation.record import read_samples  # noqa: E402
-from scalebio.files import write_text  # noqa: E402
-from scalebio.results import read_jsonl  # noqa: E402
-from scalebio.stats import Ratio, paired_bootstrap, spearman, task_ratios, verdict  # noqa: E402
+from scalebio.evaluation.record import LOWER_IS_BETTER, primary_metric, read_samples
+from scalebio.files import write_text
+from scalebio.results import read_jsonl
+from scalebio.stats import Ratio, paired_bootstrap, spearman, task_ratios, verdict
 
 log = logging.getLogger("llama3.table1")
 
-PRIMARY_METRICS = ["exact_match,extract", "exact_match,strict-match", "exact_match,flexible-extract", "exact_match",
-                   "acc_norm", "acc", "score", "nll_per_token", "bits_per_byte"]
-"""The metric shown for a task: the first of these it has (else its alphabetically first non-stderr metric)."""
-LOWER_IS_BETTER = {"nll_per_token", "bits_per_byte", "token_perplexity", "word_perplexity", "byte_perplexity"}
+REPO = Path(__file__).resolve().parents[2]
 METHOD_ORDER = {"learned": 0, "uniform": 1, "uniform_real": 2, "base": 9}
 """Row order of the methods; a method not listed (a new arm) sorts after these, by name."""
 RUN_DIR = re.compile(r"^(?P<method>.+)_seed(?P<seed>\d+)$")
@@ -96,14 +90,6 @@ def _runs(preset_dir: Path) -> list[tuple[str, int, Path]]:
         if m:
             out.append((m["method"], int(m["seed"]), d))
     return out
-
-
-def primary_metric(metrics: dict[str, float]) -> str | None:
-    for name in PRIMARY_METRICS:
-        if name in metrics:
-            return name
-    rest = sorted(k for k in metrics if "stderr" not in k)
-    return rest[0] if rest else None
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
