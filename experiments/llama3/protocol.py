@@ -53,7 +53,7 @@ if __name__ == "__main__" and not __package__:  # run by its path: run it as the
     from scalebio.scripts import run_as_module
     run_as_module(__file__)
 
-from experiments.llama3.table1 import collect_protocol  # noqa: E402
+from experiments.llama3.table1_protocol import collect_protocol  # noqa: E402
 from experiments.llama3.tasks import evaluate_model  # noqa: E402  (with settings "samples" and "mt_bench")
 
 log = logging.getLogger("llama3.protocol")
