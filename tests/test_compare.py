@@ -104,8 +104,8 @@ def test_compare_smoke_every_arm_draws_n_costs_recorded_table_complete_and_resum
     def fail(*args, **kwargs):
         raise AssertionError("recomputed a finished unit")
 
-    for module, name in [(compare, "run_selection"), (compare, "run_arm"), (compare, "finetune"),
-                         (compare, "evaluate"), (pipeline, "run_reweight"), (pipeline, "retrain_arm"),
+    for module, name in [(compare, "run_selection"), (compare, "run_arm"), (pipeline, "finetune"),
+                         (pipeline, "evaluate"), (pipeline, "run_reweight"), (pipeline, "retrain_arm"),
                          (pipeline, "build_data")]:
         monkeypatch.setattr(module, name, fail)
     import shutil

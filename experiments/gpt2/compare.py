@@ -25,7 +25,7 @@ How each baseline becomes N examples
   RHO-LOSS / LESS keep the top half (1,500) and see each ≈ 3.2 times, as ScaleBiO's draw sees its favoured source's
   records ≈ 2.5 times.
 * DoReMi learns source weights ᾱ; they are written as a ``weights.json`` and drawn from exactly as ScaleBiO's weights
-  are (``scalebio.resample``, with replacement, retrain seed = draw seed).
+  are (``pipeline.draw``: ``scalebio.resample``, with replacement, retrain seed = draw seed).
 
 One selection per (variant, selection seed); retrain seed s uses selection seed ``selection_seeds[s % len]``. The
 default is one selection seed (0) per variant: RHO-LOSS and LESS are deterministic top-K rankings given their
@@ -102,10 +102,8 @@ from pathlib import Path
 
 import yaml
 
-from scalebio.config import load_config
-from scalebio.evaluation import evaluate, load_task_yaml
-from scalebio.finetune import FinetuneConfig, finetune
-from scalebio.reproduce import arm_finished, prune, reweight_finished
+from scalebio.finetune import FinetuneConfig
+from scalebio.reproduce import prune
 from scalebio.results import write_json
 from scalebio.stages import Campaign, Unit
 
@@ -150,27 +148,6 @@ def retrain_passes(ft: FinetuneConfig, n: int) -> int:
     """Forward+backward examples of one retraining run (finetune.py's loop: steps × global batch)."""
     steps = ft.steps or max(1, int(ft.epochs * n) // ft.global_batch)
     return steps * ft.global_batch
-
-
-def finetune_config(plan: dict, seed: int, work: Path, sample: Path, run_dir: Path) -> FinetuneConfig:
-    """The pipeline's retrain config (pipeline.retrain_arm's overrides, the same for every method)."""
-    r = plan["retrain"]
-    return load_config(plan["folder"] / r["config"], [f"seed={seed}", f"output_dir={work / 'finetune'}",
-                                                      f"train.path={sample}",
-                                                      f"tokenizer.name_or_path={run_dir / 'tokenizer'}",
-                                                      *r.get("overrides", [])], FinetuneConfig)
-
-
-def evaluate_model(plan: dict, variant: dict, model_dir: Path, data_dir: Path, work: Path, max_length: int) -> None:
-    """pipeline.retrain_arm's evaluation (the task YAML kept in the experiment folder, this variant's test file, the
-    training window), also writing the per-document values ``eval_samples.jsonl`` the paired bootstrap needs."""
-    from transformers import AutoTokenizer
-
-    r = plan["retrain"]
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    task_cfg = load_task_yaml(plan["folder"] / (variant.get("eval_task") or r["eval_task"]), data_dir / "test.jsonl")
-    evaluate(str(model_dir), tok, [task_cfg], work / "eval.json", limit=r.get("eval_limit"), max_length=max_length,
-             samples_out=work / "eval_samples.jsonl")
 
 
 # --------------------------------------------------------------------------------------------- pass counting
@@ -238,7 +215,7 @@ class Context:
         from scalebio.data import read_records
         from scalebio.resample import pool_from_run
 
-        ft = finetune_config(plan, 0, run_dir, data_dir / "val.jsonl", run_dir)
+        ft = pipeline.retrain_config(plan, 0, run_dir, data_dir / "val.jsonl", run_dir)
         if ft.threads:  # the retrain config's thread count (1: two streams share 2 cores)
             torch.set_num_threads(ft.threads)
         self.ft = ft
@@ -434,9 +411,9 @@ def scalebio_cost(run_dir: Path, retrain_fb: int) -> dict:
 def run_arm(plan: dict, variant: dict, seed: int, method: str, run_dir: Path, data_dir: Path, sel_work: Path | None,
             pipeline_work: Path | None, work: Path) -> None:
     """One compare arm in ``work``: uniform / ScaleBiO evaluate the pipeline's retrained model again (with
-    per-document values); DoReMi draws N by its weights (as pipeline.retrain_arm draws by ScaleBiO's), RHO-LOSS /
-    LESS take their selection file; then the pipeline's finetune config and evaluation."""
-    from scalebio.resample import pool_from_run, resample
+    per-document values); DoReMi draws N by its weights (``pipeline.draw``, as the learned arm draws by ScaleBiO's),
+    RHO-LOSS / LESS take their selection file; then the pipeline's retraining (``pipeline.retrain``: its finetune
+    config and evaluation)."""
     from scalebio.weights import file_sha256
 
     work.mkdir(parents=True, exist_ok=True)
@@ -445,30 +422,30 @@ def run_arm(plan: dict, variant: dict, seed: int, method: str, run_dir: Path, da
     n = plan["retrain"]["n"]
     if method in PIPELINE_ARM:
         manifest = json.loads((pipeline_work / "train.jsonl.manifest.json").read_text())
-        model_dir, ft = pipeline_work / "finetune" / "model", finetune_config(plan, seed, pipeline_work,
-                                                                             pipeline_work / "train.jsonl", run_dir)
         source = {"pipeline_arm": str(pipeline_work)}
+    elif method == "doremi":
+        sample = work / "train.jsonl"
+        manifest = pipeline.draw(plan, sel_work / "weights.json", run_dir, seed, sample)
+        source = {"selection_sha256": file_sha256(sel_work / "weights.json")}
     else:
-        if method == "doremi":
-            sample = work / "train.jsonl"
-            manifest = resample(sel_work / "weights.json", pool_from_run(run_dir), n, seed, sample, replace=True)
-            source = {"selection_sha256": file_sha256(sel_work / "weights.json")}
-        else:
-            sample = sel_work / "selection.jsonl"
-            manifest = json.loads((sel_work / "selection.jsonl.manifest.json").read_text())
-            source = {"selection_sha256": manifest["output_sha256"]}
-        ft = finetune_config(plan, seed, work, sample, run_dir)
-        model_dir = finetune(ft, progress=sys.stderr.isatty())
+        sample = sel_work / "selection.jsonl"
+        manifest = json.loads((sel_work / "selection.jsonl.manifest.json").read_text())
+        source = {"selection_sha256": manifest["output_sha256"]}
     if sum(manifest["counts"].values()) != n:
         raise RuntimeError(f"{method} seed {seed}: the training file holds {sum(manifest['counts'].values())} "
                            f"examples, not N = {n}")
     write_json(work / "draw.json", {**{k: v for k, v in manifest.items() if k != "weights_file"}, **source})
-    evaluate_model(plan, variant, model_dir, data_dir, work, ft.max_length)
+    if method in PIPELINE_ARM:
+        ft = pipeline.retrain_config(plan, seed, pipeline_work, pipeline_work / "train.jsonl", run_dir)
+        pipeline.evaluate_arm(plan, variant, pipeline_work / "finetune" / "model", data_dir, work, ft.max_length,
+                              samples=True)
+    else:
+        pipeline.retrain(plan, variant, seed, sample, run_dir, data_dir, work, samples=True)
 
 
 def arm_cost(method: str, plan: dict, seed: int, run_dir: Path, sel_work: Path | None, train_dir: Path) -> dict:
     """The arm's cost.json: its selection's cost (uniform: none) and the retraining run's."""
-    ft = finetune_config(plan, seed, train_dir, train_dir / "train.jsonl", run_dir)
+    ft = pipeline.retrain_config(plan, seed, train_dir, train_dir / "train.jsonl", run_dir)
     retrain_fb = retrain_passes(ft, plan["retrain"]["n"])
     if method == "uniform":
         selection = cost_record("uniform", 0.0, 0, 0, retrain_fb, {}, "no selection")
@@ -487,61 +464,33 @@ def arm_cost(method: str, plan: dict, seed: int, run_dir: Path, sel_work: Path |
 
 def build_units(task: str, plan: dict, settings: dict, smoke: bool, runs_root: Path, compare_root: Path,
                 written: set[Path]) -> list[Unit]:
-    """The pipeline's units this comparison needs (data, reweighting, the uniform / learned retrain arms: same names,
-    same folders, same done-checks as pipeline.run_task's), then a selection unit per baseline, variant and
-    selection seed, then an arm per method, variant and retrain seed."""
-    data_root = (runs_root / "data") if smoke else REPO / "data" / "gpt2"
+    """The pipeline's units this comparison needs (pipeline.data_units, reweight_unit, retrain_unit without
+    publishing: results/gpt2/<task>/<variant>/retrain is the pipeline's to write), then a selection unit per
+    baseline, variant and selection seed, then an arm per method, variant and retrain seed."""
+    data_root = pipeline.data_root(runs_root, smoke)
     variants = [v for v in plan["variants"] if v["name"] in settings["variants"]]
     methods = settings["methods"]
     sel_seeds = settings["selection_seeds"]
-    units: list[Unit] = []
 
     def data_dir_of(v):
         return data_root / v.get("data", task)
 
-    for v in variants:
-        d = data_dir_of(v)
-        if not any(u.name == f"data {d.name}" for u in units):
-            units.append(Unit(f"data {d.name}", run=lambda v=v, d=d: pipeline.build_data(plan, v, d, smoke),
-                              done=(d / "manifest.json").is_file, kind="data"))
-    rw_seeds = sorted({plan["seeds"][s % len(plan["seeds"])] for s in plan["retrain"]["seeds"]})
-    for v in variants:
-        for s in rw_seeds:
-            run_dir = runs_root / v["name"] / f"reweight_seed{s}"
-            cfg = load_config(plan["config"], [f"seed={s}", f"run_dir={run_dir}", f"data.root={data_dir_of(v)}",
-                                               *v.get("overrides", []), *plan.get("overrides", [])])
-            units.append(Unit(f"reweight {v['name']} seed {s}",
-                              run=lambda cfg=cfg: pipeline.run_reweight(cfg, progress=sys.stderr.isatty()),
-                              done=lambda run_dir=run_dir, cfg=cfg: reweight_finished(run_dir, cfg),
-                              needs=(f"data {data_dir_of(v).name}",), kind="reweight", where=run_dir))
-
-    def rw_seed(s: int) -> int:
-        return plan["seeds"][s % len(plan["seeds"])]
-
-    # The pipeline's retrain arms (pipeline.run_task's retrain_unit, without its publish: results/gpt2/<task>/<variant>/
-    # retrain is the pipeline's to write).
-    for v in variants:
-        for s in plan["retrain"]["seeds"]:
-            for m in sorted({PIPELINE_ARM[m] for m in methods if m in PIPELINE_ARM}):
-                run_dir = runs_root / v["name"] / f"reweight_seed{rw_seed(s)}"
-                work = runs_root / v["name"] / "retrain" / f"{m}_seed{s}"
-                weights = run_dir / "weights.json"
-                units.append(Unit(
-                    f"retrain {v['name']} {m} seed {s}",
-                    run=lambda v=v, s=s, m=m, run_dir=run_dir, work=work: pipeline.retrain_arm(
-                        plan, v, s, m, run_dir, data_dir_of(v), work),
-                    done=lambda m=m, work=work, weights=weights: arm_finished(
-                        work, None if m == "uniform" else weights, run_weights=weights) is not None,
-                    needs=(f"reweight {v['name']} seed {rw_seed(s)}",), kind="retrain", where=work))
+    units = pipeline.data_units(plan, variants, data_root, smoke, task)
+    rw_seeds = sorted({pipeline.reweight_seed(plan, s) for s in plan["retrain"]["seeds"]})
+    units += [pipeline.reweight_unit(plan, v, s, runs_root, data_dir_of(v)) for v in variants for s in rw_seeds]
+    arms = sorted({PIPELINE_ARM[m] for m in methods if m in PIPELINE_ARM})
+    units += [pipeline.retrain_unit(plan, v, s, arm, runs_root, data_dir_of(v))
+              for v in variants for s in plan["retrain"]["seeds"] for arm in arms]
 
     def sel_dir(v, method, k):
         return runs_root / v["name"] / "compare" / "selection" / f"{method}_seed{k}"
 
+    # The pool and tokenizer of every selection are the reweighting run's (its decontaminated sources), seed 0's.
+    sel_rw = pipeline.reweight_seed(plan, 0)
     for v in variants:
         for method in [m for m in methods if m not in PIPELINE_ARM]:
             for k in sel_seeds:
-                # The pool and tokenizer are the reweighting run's (its decontaminated sources), seed 0's.
-                run_dir = runs_root / v["name"] / f"reweight_seed{rw_seed(0)}"
+                run_dir = runs_root / v["name"] / f"reweight_seed{sel_rw}"
                 work = sel_dir(v, method, k)
                 out = compare_root / v["name"] / "selection" / f"{method}_seed{k}"
 
@@ -558,12 +507,12 @@ def build_units(task: str, plan: dict, settings: dict, smoke: bool, runs_root: P
                     run=lambda v=v, method=method, k=k, run_dir=run_dir, work=work: run_selection(
                         plan, settings, method, k, run_dir, data_dir_of(v), work),
                     done=lambda work=work, method=method: selection_finished(work, method, settings[method]),
-                    publish=publish, needs=(f"reweight {v['name']} seed {rw_seed(0)}",), kind="select", where=work))
+                    publish=publish, needs=(f"reweight {v['name']} seed {sel_rw}",), kind="select", where=work))
 
     for v in variants:
         for s in plan["retrain"]["seeds"]:
             for method in methods:
-                run_dir = runs_root / v["name"] / f"reweight_seed{rw_seed(s)}"
+                run_dir = runs_root / v["name"] / f"reweight_seed{pipeline.reweight_seed(plan, s)}"
                 work = runs_root / v["name"] / "compare" / f"{method}_seed{s}"
                 out = compare_root / v["name"] / f"{method}_seed{s}"
                 if method in PIPELINE_ARM:
