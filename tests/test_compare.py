@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from conftest import REPO
-from experiments.gpt2 import compare, compare_report, pipeline
+from experiments.gpt2 import compare, compare_report, pipeline, selections
 
 TASKS = ["denoising", "multilingual", "instruction_following"]
 
@@ -34,7 +34,7 @@ def test_pass_counter_tells_training_passes_from_forward_only_passes():
 
     model = build_model(ModelConfig(architecture="gpt2", config_overrides={"n_layer": 1, "n_embd": 16, "n_head": 2,
                                                                            "n_positions": 16}), vocab_size=40)
-    counter = compare.PassCounter()
+    counter = selections.PassCounter()
     counter.watch(model)
     ids = torch.randint(0, 40, (3, 8))
     with counter.counting("train"):
@@ -46,7 +46,7 @@ def test_pass_counter_tells_training_passes_from_forward_only_passes():
     model(input_ids=ids)  # not counted after close
     assert counter.parts == {"train": {"fb": 3, "forward": 2}, "selection": {"fb": 1, "forward": 0}}
     assert counter.totals() == {"fb": 4, "forward": 2}
-    cost = compare.cost_record("x", 1.0, 4, 3, 10)
+    cost = selections.cost_record("x", 1.0, 4, 3, 10)
     assert cost["fb_equivalent"] == pytest.approx(5.0) and cost["retrain_multiple"] == pytest.approx(0.5)
 
 

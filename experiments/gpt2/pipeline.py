@@ -1,5 +1,5 @@
-"""Run one GPT-2 experiment end to end: build data → reweight (per variant and seed) → retrain on data drawn by
-the learned and by uniform weights → evaluate both with lm-eval on the test set
+"""Run one GPT-2 experiment end to end: build data → reweight (per variant and seed) → retrain each arm of
+``methods.yaml`` (on data drawn by the learned and by uniform weights) → evaluate each with lm-eval on the test set
 (through the task YAML in ``experiments/gpt2/<task>/lm_eval/``) → copy small results.
 
     python experiments/gpt2/pipeline.py denoising [--preset cpu] [--smoke]
@@ -39,12 +39,19 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
+def load_methods() -> dict:
+    """experiments/gpt2/methods.yaml: ``arms`` (this pipeline's retrain arms) and ``methods`` (compare.py's)."""
+    return yaml.safe_load((HERE / "methods.yaml").read_text())
+
+
 def load_plan(task: str, preset: str, smoke: bool) -> dict:
-    """The experiment's pipeline.yaml (its ``smoke`` section overlaid for ``smoke``) and the preset's config path."""
+    """The experiment's pipeline.yaml (its ``smoke`` section overlaid for ``smoke``), the preset's config path and
+    the retrain arms of methods.yaml."""
     folder = HERE / task
     plan = yaml.safe_load((folder / "pipeline.yaml").read_text())
     plan["folder"] = folder
     plan["config"] = folder / f"{preset}.yaml"
+    plan["arms"] = load_methods()["arms"]
     if smoke:  # seconds, not minutes: for tests
         plan.update(plan.get("smoke", {}))
     return plan
@@ -55,12 +62,9 @@ def reweight_seed(plan: dict, retrain_seed: int) -> int:
     return plan["seeds"][retrain_seed % len(plan["seeds"])]
 
 
-ARMS = ("learned", "uniform")
-
-
 def arm_weights(plan: dict, arm: str, run_dir: Path) -> Path | None:
     """The weights file an arm draws its examples by: the run's learned weights, or None (uniform)."""
-    return None if arm == "uniform" else run_dir / "weights.json"
+    return run_dir / "weights.json" if plan["arms"][arm]["weights"] == "learned" else None
 
 
 def build_data(plan: dict, variant: dict, data_dir: Path, smoke: bool) -> None:
@@ -192,7 +196,7 @@ def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Pat
     """Recompute every stage of one experiment and write its results over ``results_root``.
 
     The stages are units of one campaign (scalebio.stages): the data of each variant, a reweighting run per variant
-    and seed, a retrain arm per variant, seed and arm, run in that order. A unit is skipped only when
+    and seed, a retrain arm per variant, seed and arm (methods.yaml), run in that order. A unit is skipped only when
     ``runs_root`` holds its finished output (this checkout's own work), never because results are committed: in a
     fresh clone every unit runs. Returns ``results_root``.
     """
@@ -206,7 +210,7 @@ def run_task(task: str, preset: str = "cpu", smoke: bool = False, runs_root: Pat
                             f"reweight_seed{s}", written) for v in plan["variants"] for s in plan["seeds"]]
     units += [retrain_unit(plan, v, s, arm, runs_root, data / v.get("data", task), results_root / v["name"] /
                            "retrain" / f"{arm}_seed{s}", written)
-              for v in plan["variants"] for s in plan["retrain"]["seeds"] for arm in ARMS]
+              for v in plan["variants"] for s in plan["retrain"]["seeds"] for arm in plan["arms"]]
     Campaign(task, units).run()
     written.add(results_root / "compare")  # the baselines comparison's results (compare.py), not this pipeline's
     for path in prune(results_root, written):

@@ -52,6 +52,9 @@ HERE = Path(__file__).resolve().parent
 
 SEEDS = [0, 1]
 """The fine-tuning seeds of the committed run."""
+ARMS = {"learned": {"weights": "learned"}, "uniform": {"weights": "uniform"}}
+"""Each arm: the weights its examples are drawn by (the reweighting run's learned weights, or uniform), as
+protocol.ARMS; every arm is fine-tuned and evaluated the same way."""
 
 EVAL = {"loglik_limit": 300, "em_limit": 50, "max_gen_toks": 160}
 """Offline evaluation: the first 300 GSM8K / MATH test records by log-likelihood (test.json is whole), and greedy
@@ -122,7 +125,7 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
 
     def arm(seed: int, method: str) -> Unit:
         out, work = results_root / f"{method}_seed{seed}", runs_root / f"{method}_seed{seed}"
-        weights = None if method == "uniform" else rw_dir / "weights.json"
+        weights = rw_dir / "weights.json" if ARMS[method]["weights"] == "learned" else None
 
         def finished():
             return arm_finished(work, weights, run_weights=rw_dir / "weights.json")
@@ -157,7 +160,7 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
                   kind="reweight", where=rw_dir),
              Unit("evaluate base", run=evaluate_base, done=(base_work / "eval.json").is_file, publish=publish_base,
                   needs=("pool",), kind="evaluate", where=base_work),
-             *(arm(seed, method) for seed in seeds for method in ("learned", "uniform"))]
+             *(arm(seed, method) for seed in seeds for method in ARMS)]
     Campaign("offline", units).run()
     for path in prune(results_root, written) if prune_stale else []:
         log.info("removed %s: not produced by this run", path.relative_to(results_root))
