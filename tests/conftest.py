@@ -56,7 +56,8 @@ def alpaca_records(n, seed, noise=0.0, prefix="q"):
 
 
 def llama3_module(name: str):
-    """experiments/llama3/<name>.py imported as module ``llama3_<name>`` (the folder is not a package)."""
+    """A fresh copy of experiments/llama3/<name>.py, as module ``llama3_<name>``: a test may replace its functions
+    (a stage that must not run again) without changing ``experiments.llama3.<name>`` for the tests after it."""
     import importlib.util
     import sys
 

@@ -242,6 +242,27 @@ def test_select_less_end_to_end_finds_the_duplicate_and_leaves_the_model_as_it_w
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+
+def test_select_less_chunk_bounds_the_gradients_held_without_changing_the_selection(monkeypatch):
+    """``chunk`` reaches every gradient_features call (so at most that many per-example gradients are held before
+    projection), is recorded in the provenance, and gives the same scores as the default to rounding."""
+    records = {"a": alpaca_records(3, seed=4, prefix="a"), "b": alpaca_records(3, seed=5, prefix="b")}
+    tok = _tokenizer(*records.values())
+    pool = common.tokenize_pool(records, tok, 64)
+    held = []
+    project = less.RandomProjector.project
+    monkeypatch.setattr(less.RandomProjector, "project", lambda self, x: (held.append(x.size(0)), project(self, x))[1])
+    runs = {}
+    for chunk in (16, 2):
+        held.clear()
+        torch.manual_seed(0)  # the warm-up's dropout draws from the global generator
+        runs[chunk] = less.select_less(_tiny(tok), pool.examples, [pool.examples[4]], 2, tok.pad_token_id,
+                                       fraction=0.5, epochs=2, batch_size=2, lr=1e-2, lora_rank=4, lora_alpha=16,
+                                       proj_dim=512, chunk=chunk)
+        assert max(held) == min(chunk, len(pool.examples)) and runs[chunk].provenance["settings"]["chunk"] == chunk
+    assert runs[2].indices == runs[16].indices
+    assert torch.allclose(runs[2].scores, runs[16].scores, rtol=0, atol=1e-6)
+
 # -- DoReMi ---------------------------------------------------------------------------------------------------
 class TokenTable(nn.Module):
     """A "model" whose loss on token id v is ``table[v]`` (+ a trainable shift, so an optimizer has something)."""

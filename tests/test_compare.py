@@ -3,22 +3,19 @@ whole comparison of one experiment at toy size: every arm trains on exactly N ex
 table has a row per method with an interval and a difference from uniform, and a second run recomputes nothing."""
 
 import json
-import sys
 
 import pytest
 import torch
 import yaml
 
 from conftest import REPO
+from experiments.gpt2 import compare, compare_report, pipeline, selections
 
-sys.path.insert(0, str(REPO / "experiments" / "gpt2"))
 TASKS = ["denoising", "multilingual", "instruction_following"]
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_settings_name_the_pipelines_variants_and_every_baseline(task):
-    import compare
-
     plan, settings = compare.load_settings(task, "cpu", smoke=False)
     assert set(settings["variants"]) <= {v["name"] for v in plan["variants"]}
     assert settings["methods"] == list(compare.METHODS)
@@ -32,13 +29,12 @@ def test_settings_name_the_pipelines_variants_and_every_baseline(task):
 
 def test_pass_counter_tells_training_passes_from_forward_only_passes():
     """A forward with autograd on counts as forward+backward, one under no_grad as forward only, per part."""
-    import compare
     from scalebio.config import ModelConfig
     from scalebio.models import build_model
 
     model = build_model(ModelConfig(architecture="gpt2", config_overrides={"n_layer": 1, "n_embd": 16, "n_head": 2,
                                                                            "n_positions": 16}), vocab_size=40)
-    counter = compare.PassCounter()
+    counter = selections.PassCounter()
     counter.watch(model)
     ids = torch.randint(0, 40, (3, 8))
     with counter.counting("train"):
@@ -50,16 +46,12 @@ def test_pass_counter_tells_training_passes_from_forward_only_passes():
     model(input_ids=ids)  # not counted after close
     assert counter.parts == {"train": {"fb": 3, "forward": 2}, "selection": {"fb": 1, "forward": 0}}
     assert counter.totals() == {"fb": 4, "forward": 2}
-    cost = compare.cost_record("x", 1.0, 4, 3, 10)
+    cost = selections.cost_record("x", 1.0, 4, 3, 10)
     assert cost["fb_equivalent"] == pytest.approx(5.0) and cost["retrain_multiple"] == pytest.approx(0.5)
 
 
 @pytest.mark.slow
 def test_compare_smoke_every_arm_draws_n_costs_recorded_table_complete_and_resumes(tmp_path, shared_data, monkeypatch):
-    import compare
-    import compare_report
-    import pipeline
-
     task = "denoising"
     runs, results = tmp_path / "runs", tmp_path / "results" / "gpt2" / task
     out = compare.run_compare(task, "cpu", smoke=True, runs_root=runs, results_root=results)
@@ -112,8 +104,8 @@ def test_compare_smoke_every_arm_draws_n_costs_recorded_table_complete_and_resum
     def fail(*args, **kwargs):
         raise AssertionError("recomputed a finished unit")
 
-    for module, name in [(compare, "run_selection"), (compare, "run_arm"), (compare, "finetune"),
-                         (compare, "evaluate"), (pipeline, "run_reweight"), (pipeline, "retrain_arm"),
+    for module, name in [(compare, "run_selection"), (compare, "run_arm"), (pipeline, "finetune"),
+                         (pipeline, "evaluate"), (pipeline, "run_reweight"), (pipeline, "retrain_arm"),
                          (pipeline, "build_data")]:
         monkeypatch.setattr(module, name, fail)
     import shutil

@@ -2,16 +2,15 @@
 the committed results match their schema and `experiments/gpt2/report.py` rebuilds from them."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+from experiments.gpt2 import pipeline
 from scalebio.config import RunConfig, load_config, validate_run_config
 from scalebio.finetune import FinetuneConfig, validate_finetune_config
 
-sys.path.insert(0, str(REPO / "experiments" / "gpt2"))
 TASKS = ["denoising", "multilingual", "instruction_following"]
 
 
@@ -38,8 +37,6 @@ def test_presets_load_and_validate(task, preset):
 @pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 def test_pipeline_smoke(task, tmp_path, shared_data):
-    import pipeline
-
     out = pipeline.run_task(task, "cpu", smoke=True, runs_root=tmp_path / "runs", results_root=tmp_path / "results")
     weights = list(out.glob("*/reweight_seed0/weights.json"))
     assert weights
@@ -58,8 +55,6 @@ def test_pipeline_recomputes_over_committed_results(tmp_path, shared_data, monke
     uniform arm killed before its evaluation: only that arm is redone (runs/ holds the rest), results/ is
     rebuilt from runs/ byte for byte, and the redone arm gives the same bytes (seeded, one thread)."""
     import shutil
-
-    import pipeline
 
     results, runs = tmp_path / "results", tmp_path / "runs"
     committed = {"main/reweight_seed0/weights.json": {"weights": {"fake": 1.0}},

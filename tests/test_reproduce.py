@@ -6,7 +6,6 @@ LLaMA-3 claim functions are checked on a copy of the committed results with one 
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -179,8 +178,7 @@ def test_gpt2_report_reproduce(tmp_path):
     run's weights now favour another source: that claim no longer holds, the others still hold."""
     if not list((REPO / "results" / "gpt2").glob("*/*/reweight_seed*/weights.json")):
         pytest.skip("no committed GPT-2 results")
-    sys.path.insert(0, str(REPO / "experiments" / "gpt2"))
-    import report
+    from experiments.gpt2 import report
 
     repo = _results_checkout(tmp_path, "results/gpt2")
     w_file = repo / "results/gpt2/instruction_following/main/reweight_seed1/weights.json"

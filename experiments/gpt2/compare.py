@@ -17,52 +17,23 @@ the same work folders ``runs/gpt2/<task>/<variant>/retrain/{uniform,learned}_see
 models once more to get the per-document values. ScaleBiO's weights are the pipeline's reweighting runs (retrain
 seed s uses reweighting seed ``seeds[s % len(seeds)]``).
 
-How each baseline becomes N examples
-------------------------------------
-* RHO-LOSS and LESS rank the pool and keep the top K = min(N, ⌊``max_fraction`` · |pool|⌋); the training file is
-  those K records repeated in rank order up to N lines (``scalebio.baselines.write_selection``). K < N only where
-  N exceeds what a selection can sensibly keep: instruction following draws N = 4,800 from a pool of 3,000, so
-  RHO-LOSS / LESS keep the top half (1,500) and see each ≈ 3.2 times, as ScaleBiO's draw sees its favoured source's
-  records ≈ 2.5 times.
-* DoReMi learns source weights ᾱ; they are written as a ``weights.json`` and drawn from exactly as ScaleBiO's weights
-  are (``scalebio.resample``, with replacement, retrain seed = draw seed).
+How each method becomes N examples (``methods.yaml``)
+----------------------------------------------------
+* ``arm: NAME``: the pipeline's retrain arm NAME (uniform, learned); its model is evaluated once more.
+* ``output: ranking`` (RHO-LOSS, LESS): the selection ranks the pool and keeps the top K = min(N, ⌊``max_fraction`` ·
+  |pool|⌋); the training file is those K records repeated in rank order up to N lines
+  (``scalebio.baselines.write_selection``). K < N only where N exceeds what a selection can sensibly keep:
+  instruction following draws N = 4,800 from a pool of 3,000, so RHO-LOSS / LESS keep the top half (1,500) and see
+  each ≈ 3.2 times, as ScaleBiO's draw sees its favoured source's records ≈ 2.5 times.
+* ``output: weights`` (DoReMi): the selection learns source weights (ᾱ); they are written as a ``weights.json`` and
+  drawn from exactly as ScaleBiO's weights are (``pipeline.draw``: with replacement, retrain seed = draw seed).
 
 One selection per (variant, selection seed); retrain seed s uses selection seed ``selection_seeds[s % len]``. The
 default is one selection seed (0) per variant: RHO-LOSS and LESS are deterministic top-K rankings given their
 selection models, and the retrain seeds give the replicate spread, as for uniform. Settings: compare.yaml.
 
-Scaling of each baseline (what was kept from each paper, what was scaled; the modules' docstrings give the rest)
-------------------------------------------------------------------------------------------------------------
-* RHO-LOSS (Mindermann et al. 2022), ``scalebio.baselines.rho_loss``: kept: score = training loss − irreducible
-  loss, IL model trained on the holdout only (§3 approximation), IL losses computed once. Adapted: the holdout is the
-  run's validation set (as in the ScaleBiO paper's baseline); *offline* selection (one score per pool example, top K)
-  instead of the online per-batch top-10 %; the "current model" D_t is the retrain model's initialisation trained
-  ``base_steps`` steps on uniform batches of the pool (a random-init model would give every example the same
-  training loss, leaving only the IL term); IL model = the retrain architecture, ``il_steps`` AdamW steps (the paper
-  trains it to convergence with early stopping).
-* LESS (Xia et al. 2024), ``scalebio.baselines.less``: kept: LoRA warm-up on a random ``fraction`` of the pool
-  (paper 5 %) with a checkpoint per epoch, Adam-preconditioned per-example gradients of the pool, plain gradients of
-  the validation set, Rademacher projection, cosine, checkpoints weighted by their mean lr, top-K. Scaled: LoRA rank 8,
-  α = 32 (paper 128 / 512, same α/r) on c_attn and attn.c_proj of the 2-block model (12,288 LoRA parameters);
-  projection ``proj_dim`` (paper 8,192); ``epochs`` warm-up epochs = checkpoints (paper 4); the validation gradients
-  of the first ``val_examples`` validation records (LESS uses a few-shot validation set); warm-up lr 1e-3 (paper
-  2e-5 on pretrained models). LESS starts from a pretrained model; here the selection model is the retrain init
-  trained ``base_steps`` steps on uniform batches first (as RHO-LOSS's D_t), so that gradients carry the format.
-* DoReMi (Xie et al. 2023), ``scalebio.baselines.doremi``: kept: a reference model on uniform weights, a proxy trained
-  by Group DRO on the clipped per-token excess loss, η = 1, smoothing c = 1e-3, output the average ᾱ. Scaled:
-  reference and proxy are the retrain architecture (paper 280M each), ``reference_steps`` / ``proxy_steps`` AdamW
-  steps at the retrain batch (paper 200k steps × 512 × 1024 tokens); domains are the experiment's sources.
-* ScaleBiO: the pipeline's reweighting runs as they are (cpu.yaml).
-
-Cost accounting (``cost.json`` beside every selection and every arm)
---------------------------------------------------------------------
-Wall time of the selection unit, and its passes counted where they happen: a forward pre-hook on the transformer
-body of every model a selection builds counts the examples of each forward, as forward+backward when autograd is
-on and as forward-only when it is off (eval, no_grad). ``fb_equivalent`` = fb + forward / 3 (a backward ≈ 2
-forwards); ``retrain_multiple`` = fb_equivalent ÷ one retraining run's forward+backward examples (steps × global
-batch). ScaleBiO's selection = its reweighting run: steps × (2 × global batch + validation batch) forward+backward
-examples (u on B, w on B, w on V; method.md §3) and the run's wall time; uniform's is 0. Examples, not tokens: the
-sequences are cut at 64 tokens in every method.
+What each baseline keeps from its paper and what is scaled down, and how costs are counted (``cost.json`` beside
+every selection and every arm): ``experiments/gpt2/selections.py``, where each method's selection function is.
 
 Budget (an ESTIMATE: nothing was run at full size). Per-example costs measured on this 2-core machine (CPU time, one
 thread, fp32, the cpu preset's 2-block model, 64 tokens): forward+backward in a batch of 16 ≈ 5.8 ms, forward only
@@ -97,32 +68,29 @@ import logging
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scalebio.reproduce import prune
+from scalebio.results import write_json
+from scalebio.stages import Campaign, Unit
 
-import pipeline  # noqa: E402  (the experiment's own units: data, reweighting, the uniform / learned retrain arms)
-from scalebio.config import load_config  # noqa: E402
-from scalebio.evaluation import evaluate, load_task_yaml  # noqa: E402
-from scalebio.finetune import FinetuneConfig, finetune  # noqa: E402
-from scalebio.reproduce import arm_finished, prune, reweight_finished  # noqa: E402
-from scalebio.results import write_json  # noqa: E402
-from scalebio.stages import Campaign, Unit  # noqa: E402
+if __name__ == "__main__" and not __package__:  # run by its path: run it as the module it is (scalebio.scripts)
+    from scalebio.scripts import run_as_module
+    run_as_module(__file__)
+
+from experiments.gpt2 import pipeline, selections  # noqa: E402
 
 log = logging.getLogger("gpt2.compare")
 
-METHODS = ("uniform", "scalebio", "rho_loss", "less", "doremi")
-SELECTED = ("rho_loss", "less")
-"""Methods that rank the pool and keep the top K (the rest draw by source weights)."""
-PIPELINE_ARM = {"uniform": "uniform", "scalebio": "learned"}
+REPO = pipeline.REPO
+METHODS: dict[str, dict] = pipeline.load_methods()["methods"]
+"""Every method this script knows, in table order: methods.yaml's ``methods``."""
+PIPELINE_ARM = {method: spec["arm"] for method, spec in METHODS.items() if "arm" in spec}
 """The pipeline's retrain arm each of these methods is."""
-FORWARD_COST = 1 / 3
-"""A forward-only pass as a fraction of a forward+backward (a backward ≈ 2 forwards)."""
+SELECTED = tuple(method for method, spec in METHODS.items() if spec.get("output") == "ranking")
+"""Methods that rank the pool and keep the top K (the rest draw by source weights)."""
 
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -136,6 +104,10 @@ def load_settings(task: str, preset: str, smoke: bool) -> tuple[dict, dict]:
         for key, value in settings.get("smoke", {}).items():
             settings[key] = {**settings[key], **value} if isinstance(value, dict) else value
     settings.pop("smoke", None)
+    unknown = [m for m in settings["methods"] if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"{plan['folder'] / 'compare.yaml'}: methods {unknown} are not declared in "
+                         f"{pipeline.HERE / 'methods.yaml'} (known: {', '.join(METHODS)})")
     return plan, settings
 
 
@@ -143,264 +115,44 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def retrain_passes(ft: FinetuneConfig, n: int) -> int:
-    """Forward+backward examples of one retraining run (finetune.py's loop: steps × global batch)."""
-    steps = ft.steps or max(1, int(ft.epochs * n) // ft.global_batch)
-    return steps * ft.global_batch
-
-
-def finetune_config(plan: dict, seed: int, work: Path, sample: Path, run_dir: Path) -> FinetuneConfig:
-    """The pipeline's retrain config (pipeline.retrain_arm's overrides, the same for every method)."""
-    r = plan["retrain"]
-    return load_config(plan["folder"] / r["config"], [f"seed={seed}", f"output_dir={work / 'finetune'}",
-                                                      f"train.path={sample}",
-                                                      f"tokenizer.name_or_path={run_dir / 'tokenizer'}",
-                                                      *r.get("overrides", [])], FinetuneConfig)
-
-
-def evaluate_model(plan: dict, variant: dict, model_dir: Path, data_dir: Path, work: Path, max_length: int) -> None:
-    """pipeline.retrain_arm's evaluation (the task YAML kept in the experiment folder, this variant's test file, the
-    training window), also writing the per-document values ``eval_samples.jsonl`` the paired bootstrap needs."""
-    from transformers import AutoTokenizer
-
-    r = plan["retrain"]
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    task_cfg = load_task_yaml(plan["folder"] / (variant.get("eval_task") or r["eval_task"]), data_dir / "test.jsonl")
-    evaluate(str(model_dir), tok, [task_cfg], work / "eval.json", limit=r.get("eval_limit"), max_length=max_length,
-             samples_out=work / "eval_samples.jsonl")
-
-
-# --------------------------------------------------------------------------------------------- pass counting
-
-
-class PassCounter:
-    """Examples through every forward of the models it watches: ``fb`` (autograd on: a backward follows) and
-    ``forward`` (autograd off), per part of a selection (``part``)."""
-
-    def __init__(self):
-        self.parts: dict[str, dict[str, int]] = {}
-        self.part = "selection"
-        self._hooks = []
-
-    def watch(self, model) -> None:
-        body = getattr(model, "base_model", model)  # CausalLMObjective calls the body directly when it chunks
-
-        def count(module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if ids is None:
-                return
-            import torch
-
-            entry = self.parts.setdefault(self.part, {"fb": 0, "forward": 0})
-            entry["fb" if torch.is_grad_enabled() else "forward"] += int(ids.shape[0])
-
-        self._hooks.append(body.register_forward_pre_hook(count, with_kwargs=True))
-
-    @contextmanager
-    def counting(self, part: str):
-        self.part = part
-        yield
-        self.part = "selection"
-
-    def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-    def totals(self) -> dict[str, int]:
-        return {k: sum(p[k] for p in self.parts.values()) for k in ("fb", "forward")}
-
-
-def cost_record(method: str, wall_s: float, fb: float, forward: float, retrain_fb: int, parts: dict | None = None,
-                how: str = "") -> dict:
-    equivalent = fb + FORWARD_COST * forward
-    return {"method": method, "wall_time_s": round(wall_s, 2), "forward_backward_examples": fb,
-            "forward_examples": forward, "fb_equivalent": equivalent,
-            "retrain_forward_backward_examples": retrain_fb,
-            "retrain_multiple": equivalent / retrain_fb if retrain_fb else None,
-            "parts": parts or {}, "how_counted": how}
-
-
 # ------------------------------------------------------------------------------------------------ selections
-
-
-class Context:
-    """What a selection needs from the experiment: the pool (the reweighting run's decontaminated sources), its
-    tokenisation with the run's tokenizer, the validation examples and the retrain model config."""
-
-    def __init__(self, plan: dict, run_dir: Path, data_dir: Path):
-        import torch
-        from transformers import AutoTokenizer
-
-        from scalebio.baselines import tokenize_pool
-        from scalebio.data import read_records
-        from scalebio.resample import pool_from_run
-
-        ft = finetune_config(plan, 0, run_dir, data_dir / "val.jsonl", run_dir)
-        if ft.threads:  # the retrain config's thread count (1: two streams share 2 cores)
-            torch.set_num_threads(ft.threads)
-        self.ft = ft
-        self.n = plan["retrain"]["n"]
-        self.retrain_fb = retrain_passes(ft, self.n)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
-        self.pad_id = self.tokenizer.pad_token_id
-        self.sources = pool_from_run(run_dir)
-        self.pool = tokenize_pool(self.sources, self.tokenizer, ft.max_length)
-        self.validation = tokenize_pool({"val": read_records(data_dir / "val.jsonl")}, self.tokenizer,
-                                        ft.max_length).examples
-
-    def model(self, seed: int):
-        from scalebio.models import build_model, special_token_ids
-
-        return build_model(self.ft.model, vocab_size=len(self.tokenizer), seed=seed,
-                           token_ids=special_token_ids(self.tokenizer))
-
-    def by_source(self) -> list[list]:
-        groups = [[] for _ in self.pool.names]
-        for ex in self.pool.examples:
-            groups[ex.source].append(ex)
-        return groups
-
-    def uniform_examples(self, count: int, seed: int) -> list:
-        """``count`` pool examples drawn uniformly over sources (the uniform arm's mixture), seeded."""
-        import torch
-
-        from scalebio.baselines.doremi import sample_mixture
-
-        groups = self.by_source()
-        k = len(groups)
-        picks = sample_mixture([len(g) for g in groups], torch.full((k,), 1.0 / k), count,
-                               torch.Generator().manual_seed(seed))
-        return [groups[d][i] for d, i in picks]
-
-
-def keep_count(ctx: Context, settings: dict) -> int:
-    return min(ctx.n, int(settings["max_fraction"] * len(ctx.pool.examples)))
-
-
-def repeated_picks(ctx: Context, ranked: list[int], n: int) -> list[tuple[str, int]]:
-    """N (source, record) picks: the ranked pool indices repeated in rank order up to ``n``."""
-    return [ctx.pool.origin[ranked[i % len(ranked)]] for i in range(n)]
-
-
-def rank_rho_loss(ctx: Context, cfg: dict, seed: int, counter: PassCounter):
-    """IL model on the validation set, D_t model = the retrain init trained on uniform batches, top K by
-    RHO-LOSS. Returns (ranked pool indices, provenance)."""
-    from scalebio.baselines import irreducible_losses, select_rho_loss, train_irreducible_loss_model, train_steps
-
-    keep = keep_count(ctx, cfg)
-    il, base = ctx.model(seed + 1000), ctx.model(seed)
-    counter.watch(il)
-    counter.watch(base)
-    with counter.counting("il_model_training"):
-        train_irreducible_loss_model(il, ctx.validation, cfg["il_steps"], ctx.ft.global_batch, cfg["lr"],
-                                     ctx.pad_id, seed=seed, weight_decay=ctx.ft.weight_decay)
-    with counter.counting("il_losses"):
-        il_losses = irreducible_losses(il, ctx.pool.examples, ctx.pad_id, batch_size=cfg["score_batch"])
-    with counter.counting("base_model_training"):
-        warm = ctx.uniform_examples(cfg["base_steps"] * ctx.ft.global_batch, seed)
-        train_steps(base, warm, cfg["base_steps"], ctx.ft.global_batch, cfg["lr"], ctx.pad_id, seed=seed,
-                    weight_decay=ctx.ft.weight_decay, warmup_ratio=ctx.ft.warmup_ratio)
-    with counter.counting("training_losses"):
-        sel = select_rho_loss(base, il_losses, ctx.pool.examples, keep, ctx.pad_id, batch_size=cfg["score_batch"],
-                              settings=dict(cfg), seed=seed)
-    return sel.indices, sel.provenance
-
-
-def rank_less(ctx: Context, cfg: dict, seed: int, counter: PassCounter):
-    """LoRA warm-up, Adam-preconditioned projected gradients, top K by the LESS score: ``scalebio.baselines.less``'s
-    parts in ``select_less``'s order, with the projection applied to ``project_chunk`` gradients at a time (the
-    projector regenerates its matrix on every call, which at select_less's 16 costs ≈ 6 ms per example here). The
-    selection model is the retrain init warmed like RHO-LOSS's D_t (LESS selects with a model that knows the format)."""
-    import torch
-
-    from scalebio.baselines import less, top_n, train_steps
-    from scalebio.baselines.common import provenance
-
-    keep = keep_count(ctx, cfg)
-    model = ctx.model(seed)
-    counter.watch(model)
-    with counter.counting("base_model_training"):
-        warm = ctx.uniform_examples(cfg["base_steps"] * ctx.ft.global_batch, seed)
-        train_steps(model, warm, cfg["base_steps"], ctx.ft.global_batch, cfg["lr"], ctx.pad_id, seed=seed,
-                    weight_decay=ctx.ft.weight_decay, warmup_ratio=ctx.ft.warmup_ratio)
-    validation = ctx.validation[:cfg["val_examples"]]
-    adapters = less.add_lora(model, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], seed=seed)
-    params = adapters.parameters
-    try:
-        with counter.counting("lora_warmup"):
-            ckpts = less.warmup(model, params, ctx.pool.examples, ctx.pad_id, cfg["fraction"], cfg["epochs"],
-                                ctx.ft.global_batch, cfg["lr"], ctx.ft.warmup_ratio, seed=seed)
-        projector = less.RandomProjector(sum(p.numel() for p in params), cfg["proj_dim"], "rademacher", seed)
-        train_features, val_features = [], []
-        with counter.counting("gradient_features"):
-            for ckpt in ckpts:
-                with torch.no_grad():
-                    for p, value in zip(params, ckpt.params):
-                        p.copy_(value)
-                train_features.append(less.gradient_features(model, params, ctx.pool.examples, ctx.pad_id, projector,
-                                                             adam=ckpt, chunk=cfg["project_chunk"]))
-                val_features.append(less.gradient_features(model, params, validation, ctx.pad_id, projector,
-                                                           chunk=cfg["project_chunk"]))
-    finally:
-        adapters.remove()
-    lrs = [c.lr for c in ckpts]
-    scores = less.less_scores(train_features, val_features, lrs, None, "max")
-    settings = {**cfg, "adapters": "lora", "lora_targets": list(less.LORA_TARGETS), "proj_kind": "rademacher",
-                "batch_size": ctx.ft.global_batch, "checkpoint_lrs": lrs, "validation_examples": len(validation)}
-    return top_n(scores, keep), provenance("less", less.PAPER, settings, seed)
-
-
-def learn_doremi(ctx: Context, cfg: dict, seed: int, counter: PassCounter):
-    """Reference on uniform weights, Group-DRO proxy → ᾱ. Returns the ``scalebio.weights`` record."""
-    from scalebio.baselines import run_doremi, source_weights_record, train_reference_model
-
-    groups = ctx.by_source()
-    reference, proxy = ctx.model(seed + 1000), ctx.model(seed)
-    counter.watch(reference)
-    counter.watch(proxy)
-    with counter.counting("reference_training"):
-        train_reference_model(reference, groups, cfg["reference_steps"], ctx.ft.global_batch, cfg["lr"], ctx.pad_id,
-                              seed=seed, weight_decay=ctx.ft.weight_decay)
-    with counter.counting("proxy_group_dro"):
-        result = run_doremi(proxy, reference, groups, ctx.pool.names, cfg["proxy_steps"], ctx.ft.global_batch,
-                            cfg["lr"], ctx.pad_id, eta=cfg["eta"], smoothing=cfg["smoothing"], seed=seed,
-                            weight_decay=ctx.ft.weight_decay)
-    counts = {name: len(g) for name, g in zip(ctx.pool.names, groups)}
-    return source_weights_record(result.weights, counts, result.provenance)
 
 
 def run_selection(plan: dict, settings: dict, method: str, seed: int, run_dir: Path, data_dir: Path,
                   work: Path) -> None:
-    """One baseline's selection → ``work``/selection.jsonl (+ manifest) or ``work``/weights.json, and cost.json.
-    The output file is written last: it is the unit's done-check."""
+    """One baseline's selection (methods.yaml's ``select`` function of selections.py) → ``work``/selection.jsonl
+    (+ manifest) or ``work``/weights.json, and cost.json. The output file is written last: it is the unit's
+    done-check."""
     from scalebio.baselines import write_selection
     from scalebio.weights import write_weights
 
-    cfg = settings[method]
+    spec, cfg = METHODS[method], settings[method]
+    select = getattr(selections, spec["select"])
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    ctx = Context(plan, run_dir, data_dir)
-    counter = PassCounter()
-    if method == "doremi":
-        record = learn_doremi(ctx, cfg, seed, counter)
+    ft = pipeline.retrain_config(plan, 0, run_dir, data_dir / "val.jsonl", run_dir)
+    ctx = selections.Context(ft, plan["retrain"]["n"], run_dir, data_dir)
+    counter = selections.PassCounter()
+    if spec["output"] == "weights":
+        record = select(ctx, cfg, seed, counter)
         record["provenance"]["settings_digest"] = digest(cfg)
     else:
-        ranked, prov = (rank_rho_loss if method == "rho_loss" else rank_less)(ctx, cfg, seed, counter)
+        ranked, prov = select(ctx, cfg, seed, counter)
         prov["settings"].update(keep=len(ranked), n=ctx.n, pool=len(ctx.pool.examples))
         prov["settings_digest"] = digest(cfg)
     counter.close()
     totals = counter.totals()
-    cost = cost_record(method, time.time() - started, totals["fb"], totals["forward"], ctx.retrain_fb,
-                       counter.parts, "forward pre-hook on every model this selection built (compare.py)")
+    cost = selections.cost_record(method, time.time() - started, totals["fb"], totals["forward"], ctx.retrain_fb,
+                                  counter.parts, "forward pre-hook on every model this selection built (compare.py)")
     write_json(work / "cost.json", cost)
-    if method == "doremi":
+    if spec["output"] == "weights":
         write_weights(work / "weights.json", record)
     else:
-        write_selection(work / "selection.jsonl", ctx.sources, repeated_picks(ctx, ranked, ctx.n), prov)
+        write_selection(work / "selection.jsonl", ctx.sources, selections.repeated_picks(ctx, ranked, ctx.n), prov)
 
 
 def selection_output(work: Path, method: str) -> Path:
-    return work / ("weights.json" if method == "doremi" else "selection.jsonl.manifest.json")
+    return work / ("weights.json" if METHODS[method]["output"] == "weights" else "selection.jsonl.manifest.json")
 
 
 def selection_finished(work: Path, method: str, cfg: dict) -> bool:
@@ -408,7 +160,7 @@ def selection_finished(work: Path, method: str, cfg: dict) -> bool:
     if not (out.is_file() and (work / "cost.json").is_file()):
         return False
     record = json.loads(out.read_text())
-    prov = record["provenance"] if method == "doremi" else record["selection"]
+    prov = record["provenance"] if METHODS[method]["output"] == "weights" else record["selection"]
     return prov.get("settings_digest") == digest(cfg)
 
 
@@ -420,9 +172,9 @@ def scalebio_cost(run_dir: Path, retrain_fb: int) -> dict:
     steps = meta.get("steps_total") or s["steps"]
     batch, val = s["global_batch"], s.get("val_batch") or s["global_batch"]
     fb = steps * (2 * batch + val)
-    return cost_record("scalebio", meta["wall_time_s"], fb, 0, retrain_fb,
-                       {"reweighting": {"fb": fb, "forward": 0}},
-                       "reweighting run: steps × (u on B + w on B + w on V), method.md §3")
+    return selections.cost_record("scalebio", meta["wall_time_s"], fb, 0, retrain_fb,
+                                  {"reweighting": {"fb": fb, "forward": 0}},
+                                  "reweighting run: steps × (u on B + w on B + w on V), method.md §3")
 
 
 # ------------------------------------------------------------------------------------------------------ arms
@@ -430,10 +182,10 @@ def scalebio_cost(run_dir: Path, retrain_fb: int) -> dict:
 
 def run_arm(plan: dict, variant: dict, seed: int, method: str, run_dir: Path, data_dir: Path, sel_work: Path | None,
             pipeline_work: Path | None, work: Path) -> None:
-    """One compare arm in ``work``: uniform / ScaleBiO evaluate the pipeline's retrained model again (with
-    per-document values); DoReMi draws N by its weights (as pipeline.retrain_arm draws by ScaleBiO's), RHO-LOSS /
-    LESS take their selection file; then the pipeline's finetune config and evaluation."""
-    from scalebio.resample import pool_from_run, resample
+    """One compare arm in ``work``: a pipeline arm's retrained model is evaluated again (with per-document values); a
+    method with ``output: weights`` draws N by its weights (``pipeline.draw``, as the learned arm draws by
+    ScaleBiO's), one with ``output: ranking`` takes its selection file; then the pipeline's retraining
+    (``pipeline.retrain``: its finetune config and evaluation)."""
     from scalebio.weights import file_sha256
 
     work.mkdir(parents=True, exist_ok=True)
@@ -442,34 +194,36 @@ def run_arm(plan: dict, variant: dict, seed: int, method: str, run_dir: Path, da
     n = plan["retrain"]["n"]
     if method in PIPELINE_ARM:
         manifest = json.loads((pipeline_work / "train.jsonl.manifest.json").read_text())
-        model_dir, ft = pipeline_work / "finetune" / "model", finetune_config(plan, seed, pipeline_work,
-                                                                             pipeline_work / "train.jsonl", run_dir)
         source = {"pipeline_arm": str(pipeline_work)}
+    elif METHODS[method]["output"] == "weights":
+        sample = work / "train.jsonl"
+        manifest = pipeline.draw(plan, sel_work / "weights.json", run_dir, seed, sample)
+        source = {"selection_sha256": file_sha256(sel_work / "weights.json")}
     else:
-        if method == "doremi":
-            sample = work / "train.jsonl"
-            manifest = resample(sel_work / "weights.json", pool_from_run(run_dir), n, seed, sample, replace=True)
-            source = {"selection_sha256": file_sha256(sel_work / "weights.json")}
-        else:
-            sample = sel_work / "selection.jsonl"
-            manifest = json.loads((sel_work / "selection.jsonl.manifest.json").read_text())
-            source = {"selection_sha256": manifest["output_sha256"]}
-        ft = finetune_config(plan, seed, work, sample, run_dir)
-        model_dir = finetune(ft, progress=sys.stderr.isatty())
+        sample = sel_work / "selection.jsonl"
+        manifest = json.loads((sel_work / "selection.jsonl.manifest.json").read_text())
+        source = {"selection_sha256": manifest["output_sha256"]}
     if sum(manifest["counts"].values()) != n:
         raise RuntimeError(f"{method} seed {seed}: the training file holds {sum(manifest['counts'].values())} "
                            f"examples, not N = {n}")
     write_json(work / "draw.json", {**{k: v for k, v in manifest.items() if k != "weights_file"}, **source})
-    evaluate_model(plan, variant, model_dir, data_dir, work, ft.max_length)
+    if method in PIPELINE_ARM:
+        ft = pipeline.retrain_config(plan, seed, pipeline_work, pipeline_work / "train.jsonl", run_dir)
+        pipeline.evaluate_arm(plan, variant, pipeline_work / "finetune" / "model", data_dir, work, ft.max_length,
+                              samples=True)
+    else:
+        pipeline.retrain(plan, variant, seed, sample, run_dir, data_dir, work, samples=True)
 
 
 def arm_cost(method: str, plan: dict, seed: int, run_dir: Path, sel_work: Path | None, train_dir: Path) -> dict:
-    """The arm's cost.json: its selection's cost (uniform: none) and the retraining run's."""
-    ft = finetune_config(plan, seed, train_dir, train_dir / "train.jsonl", run_dir)
-    retrain_fb = retrain_passes(ft, plan["retrain"]["n"])
-    if method == "uniform":
-        selection = cost_record("uniform", 0.0, 0, 0, retrain_fb, {}, "no selection")
-    elif method == "scalebio":
+    """The arm's cost.json: its selection's cost (a uniform draw: none; a learned-weights draw: the reweighting
+    run; a baseline: its selection's cost.json) and the retraining run's."""
+    ft = pipeline.retrain_config(plan, seed, train_dir, train_dir / "train.jsonl", run_dir)
+    retrain_fb = selections.retrain_passes(ft, plan["retrain"]["n"])
+    arm = PIPELINE_ARM.get(method)
+    if arm is not None and plan["arms"][arm]["weights"] == "uniform":
+        selection = selections.cost_record(method, 0.0, 0, 0, retrain_fb, {}, "no selection")
+    elif arm is not None:
         selection = scalebio_cost(run_dir, retrain_fb)
     else:
         selection = json.loads((sel_work / "cost.json").read_text())
@@ -484,61 +238,33 @@ def arm_cost(method: str, plan: dict, seed: int, run_dir: Path, sel_work: Path |
 
 def build_units(task: str, plan: dict, settings: dict, smoke: bool, runs_root: Path, compare_root: Path,
                 written: set[Path]) -> list[Unit]:
-    """The pipeline's units this comparison needs (data, reweighting, the uniform / learned retrain arms: same names,
-    same folders, same done-checks as pipeline.run_task's), then a selection unit per baseline, variant and
-    selection seed, then an arm per method, variant and retrain seed."""
-    data_root = (runs_root / "data") if smoke else REPO / "data" / "gpt2"
+    """The pipeline's units this comparison needs (pipeline.data_units, reweight_unit, retrain_unit without
+    publishing: results/gpt2/<task>/<variant>/retrain is the pipeline's to write), then a selection unit per
+    baseline, variant and selection seed, then an arm per method, variant and retrain seed."""
+    data_root = pipeline.data_root(runs_root, smoke)
     variants = [v for v in plan["variants"] if v["name"] in settings["variants"]]
     methods = settings["methods"]
     sel_seeds = settings["selection_seeds"]
-    units: list[Unit] = []
 
     def data_dir_of(v):
         return data_root / v.get("data", task)
 
-    for v in variants:
-        d = data_dir_of(v)
-        if not any(u.name == f"data {d.name}" for u in units):
-            units.append(Unit(f"data {d.name}", run=lambda v=v, d=d: pipeline.build_data(plan, v, d, smoke),
-                              done=(d / "manifest.json").is_file, kind="data"))
-    rw_seeds = sorted({plan["seeds"][s % len(plan["seeds"])] for s in plan["retrain"]["seeds"]})
-    for v in variants:
-        for s in rw_seeds:
-            run_dir = runs_root / v["name"] / f"reweight_seed{s}"
-            cfg = load_config(plan["config"], [f"seed={s}", f"run_dir={run_dir}", f"data.root={data_dir_of(v)}",
-                                               *v.get("overrides", []), *plan.get("overrides", [])])
-            units.append(Unit(f"reweight {v['name']} seed {s}",
-                              run=lambda cfg=cfg: pipeline.run_reweight(cfg, progress=sys.stderr.isatty()),
-                              done=lambda run_dir=run_dir, cfg=cfg: reweight_finished(run_dir, cfg),
-                              needs=(f"data {data_dir_of(v).name}",), kind="reweight", where=run_dir))
-
-    def rw_seed(s: int) -> int:
-        return plan["seeds"][s % len(plan["seeds"])]
-
-    # The pipeline's retrain arms (pipeline.run_task's retrain_unit, without its publish: results/gpt2/<task>/<variant>/
-    # retrain is the pipeline's to write).
-    for v in variants:
-        for s in plan["retrain"]["seeds"]:
-            for m in sorted({PIPELINE_ARM[m] for m in methods if m in PIPELINE_ARM}):
-                run_dir = runs_root / v["name"] / f"reweight_seed{rw_seed(s)}"
-                work = runs_root / v["name"] / "retrain" / f"{m}_seed{s}"
-                weights = run_dir / "weights.json"
-                units.append(Unit(
-                    f"retrain {v['name']} {m} seed {s}",
-                    run=lambda v=v, s=s, m=m, run_dir=run_dir, work=work: pipeline.retrain_arm(
-                        plan, v, s, m, run_dir, data_dir_of(v), work),
-                    done=lambda m=m, work=work, weights=weights: arm_finished(
-                        work, None if m == "uniform" else weights, run_weights=weights) is not None,
-                    needs=(f"reweight {v['name']} seed {rw_seed(s)}",), kind="retrain", where=work))
+    units = pipeline.data_units(plan, variants, data_root, smoke, task)
+    rw_seeds = sorted({pipeline.reweight_seed(plan, s) for s in plan["retrain"]["seeds"]})
+    units += [pipeline.reweight_unit(plan, v, s, runs_root, data_dir_of(v)) for v in variants for s in rw_seeds]
+    arms = sorted({PIPELINE_ARM[m] for m in methods if m in PIPELINE_ARM})
+    units += [pipeline.retrain_unit(plan, v, s, arm, runs_root, data_dir_of(v))
+              for v in variants for s in plan["retrain"]["seeds"] for arm in arms]
 
     def sel_dir(v, method, k):
         return runs_root / v["name"] / "compare" / "selection" / f"{method}_seed{k}"
 
+    # The pool and tokenizer of every selection are the reweighting run's (its decontaminated sources), seed 0's.
+    sel_rw = pipeline.reweight_seed(plan, 0)
     for v in variants:
         for method in [m for m in methods if m not in PIPELINE_ARM]:
             for k in sel_seeds:
-                # The pool and tokenizer are the reweighting run's (its decontaminated sources), seed 0's.
-                run_dir = runs_root / v["name"] / f"reweight_seed{rw_seed(0)}"
+                run_dir = runs_root / v["name"] / f"reweight_seed{sel_rw}"
                 work = sel_dir(v, method, k)
                 out = compare_root / v["name"] / "selection" / f"{method}_seed{k}"
 
@@ -555,12 +281,12 @@ def build_units(task: str, plan: dict, settings: dict, smoke: bool, runs_root: P
                     run=lambda v=v, method=method, k=k, run_dir=run_dir, work=work: run_selection(
                         plan, settings, method, k, run_dir, data_dir_of(v), work),
                     done=lambda work=work, method=method: selection_finished(work, method, settings[method]),
-                    publish=publish, needs=(f"reweight {v['name']} seed {rw_seed(0)}",), kind="select", where=work))
+                    publish=publish, needs=(f"reweight {v['name']} seed {sel_rw}",), kind="select", where=work))
 
     for v in variants:
         for s in plan["retrain"]["seeds"]:
             for method in methods:
-                run_dir = runs_root / v["name"] / f"reweight_seed{rw_seed(s)}"
+                run_dir = runs_root / v["name"] / f"reweight_seed{pipeline.reweight_seed(plan, s)}"
                 work = runs_root / v["name"] / "compare" / f"{method}_seed{s}"
                 out = compare_root / v["name"] / f"{method}_seed{s}"
                 if method in PIPELINE_ARM:
@@ -617,8 +343,10 @@ def run_compare(task: str, preset: str = "cpu", smoke: bool = False, runs_root: 
     written: set[Path] = set()
     units = build_units(task, plan, settings, smoke, runs_root, compare_root, written)
     Campaign(f"compare {task}", units).run()
+    # The methods' labels go beside the settings, so that compare_report.py reads everything from results/.
     write_json(compare_root / "settings.json", {"task": task, "preset": preset, "n": plan["retrain"]["n"],
-                                                "retrain_seeds": plan["retrain"]["seeds"], **settings})
+                                                "retrain_seeds": plan["retrain"]["seeds"], **settings,
+                                                "labels": {m: METHODS[m]["label"] for m in settings["methods"]}})
     # settings.json, and the report's summary.json and table.md (compare_report.py rebuilds them from results/).
     written.update(compare_root / name for name in ("settings.json", "summary.json", "table.md"))
     for path in prune(compare_root, written):

@@ -22,16 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from scalebio.evaluation.record import read_samples
+from scalebio.plotting import save_figure, style
+from scalebio.stats import Ratio, paired_bootstrap, task_ratios, verdict
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "src"))
-
-from scalebio.evaluation.record import read_samples  # noqa: E402
-from scalebio.plotting import save_figure, style  # noqa: E402
-from scalebio.stats import Ratio, paired_bootstrap, task_ratios, verdict  # noqa: E402
-
 TASKS = ("denoising", "multilingual", "instruction_following")
-METHODS = ("uniform", "scalebio", "rho_loss", "less", "doremi")
-LABELS = {"uniform": "uniform", "scalebio": "ScaleBiO", "rho_loss": "RHO-LOSS", "less": "LESS", "doremi": "DoReMi"}
+REFERENCES = (("uniform", "vs_uniform"), ("scalebio", "scalebio_minus"))
+"""The methods every other one is compared with: uniform (method − uniform) and ScaleBiO (ScaleBiO − method)."""
 METRIC = "bits_per_byte"
 ITERS, SEED = 2000, 0
 START, END = "<!-- gpt2-compare:start -->", "<!-- gpt2-compare:end -->"
@@ -59,10 +57,11 @@ def interval(a: Ratio, b: Ratio) -> dict:
     return {"difference": c.difference, "lo": c.lo, "hi": c.hi, "pairs": c.pairs, "docs": c.docs}
 
 
-def summarise_variant(variant_dir: Path) -> dict:
+def summarise_variant(variant_dir: Path, order: list[str] = ()) -> dict:
+    """method → row, the methods in ``order`` (the comparison's settings) first, any others by name."""
     found = arms(variant_dir)
     rows = {}
-    for method in [m for m in METHODS if m in found] + sorted(set(found) - set(METHODS)):
+    for method in [m for m in order if m in found] + sorted(set(found) - set(order)):
         seeds = sorted(found[method])
         own = ratio([found[method][s] for s in seeds])
         zero = Ratio(np.zeros_like(own.num), np.ones_like(own.den))
@@ -76,7 +75,7 @@ def summarise_variant(variant_dir: Path) -> dict:
                "total_retrain_multiple": cost["total_retrain_multiple"],
                "n": [json.loads((found[method][s] / name).read_text())["n"] for s in seeds
                      for name in ("resample.json", "selection.json") if (found[method][s] / name).is_file()]}
-        for other, key in (("uniform", "vs_uniform"), ("scalebio", "scalebio_minus")):
+        for other, key in REFERENCES:
             if other == method or other not in found:
                 continue
             pairs = sorted(set(seeds) & set(found[other]))
@@ -94,14 +93,22 @@ def summarise_variant(variant_dir: Path) -> dict:
     return rows
 
 
+def comparison_settings(root: Path, task: str) -> dict:
+    """The settings compare.py wrote beside the results (``methods`` in table order, their ``labels``); {} when
+    absent."""
+    path = root / task / "compare" / "settings.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def summarise(root: Path) -> dict:
     """task → variant → method → row, for every experiment with comparison results."""
     out = {}
     for task in TASKS:
         compare = root / task / "compare"
         variants = sorted(p.parent.parent.name for p in compare.glob("*/*_seed*/eval.json")) if compare.is_dir() else []
+        order = comparison_settings(root, task).get("methods", [])
         if variants:
-            out[task] = {v: summarise_variant(compare / v) for v in dict.fromkeys(variants)}
+            out[task] = {v: summarise_variant(compare / v, order) for v in dict.fromkeys(variants)}
     return out
 
 
@@ -109,7 +116,7 @@ def _ci(lo: float, hi: float) -> str:
     return f"[{lo:+.3f}, {hi:+.3f}]"
 
 
-def table(task: str, variants: dict) -> str:
+def table(task: str, variants: dict, labels: dict[str, str]) -> str:
     """Markdown: one row per (variant, method)."""
     words = {"reproduced": "better", "contradicted": "worse", "inconclusive": "no clear difference"}
     lines = [f"Test bits per byte (lower is better), mean over retrain seeds; intervals: {INTERVAL}.", "",
@@ -121,7 +128,7 @@ def table(task: str, variants: dict) -> str:
             vs, sb = r.get("vs_uniform"), r.get("scalebio_minus")
             n = sorted(set(r["n"]))
             lines.append(
-                f"| {variant} | {LABELS.get(method, method)} | {len(r['seeds'])} | {', '.join(map(str, n))} | "
+                f"| {variant} | {labels.get(method, method)} | {len(r['seeds'])} | {', '.join(map(str, n))} | "
                 f"{r['mean']:.3f} | [{r['lo']:.3f}, {r['hi']:.3f}] | "
                 + (f"{vs['difference']:+.3f} {_ci(vs['lo'], vs['hi'])} | {words[vs['verdict']]} | " if vs else "— | — | ")
                 + (f"{sb['difference']:+.3f} {_ci(sb['lo'], sb['hi'])} | " if sb else "— | ")
@@ -129,7 +136,7 @@ def table(task: str, variants: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(task: str, variants: dict, figures: Path) -> Path:
+def plot(task: str, variants: dict, figures: Path, labels: dict[str, str]) -> Path:
     import matplotlib.pyplot as plt
 
     style()
@@ -142,7 +149,7 @@ def plot(task: str, variants: dict, figures: Path) -> Path:
         left.errorbar(means, y, xerr=err, fmt="o", capsize=3)
         for m, yy in zip(methods, y):
             left.scatter(rows[m]["values"], [yy] * len(rows[m]["values"]), marker="x", color="grey", s=14, zorder=3)
-        left.set_yticks(y, [LABELS.get(m, m) for m in methods])
+        left.set_yticks(y, [labels.get(m, m) for m in methods])
         left.invert_yaxis()
         left.set_xlabel("test bits per byte (lower is better)")
         left.set_title(f"{task.replace('_', ' ')} / {variant}: mean, 95% CI, seeds (×)")
@@ -153,7 +160,7 @@ def plot(task: str, variants: dict, figures: Path) -> Path:
                        yerr=[[c["difference"] - c["lo"] for c in d], [c["hi"] - c["difference"] for c in d]],
                        fmt="o", capsize=3)
         for m, x, c in zip(others, cost, d):
-            right.annotate(LABELS.get(m, m), (x, c["difference"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            right.annotate(labels.get(m, m), (x, c["difference"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
         right.axhline(0, color="grey", lw=1, ls="--")
         right.set_xscale("symlog", linthresh=1)
         right.set_xlabel("selection cost (forward+backward passes, × one retraining run)")
@@ -186,9 +193,10 @@ def main(argv=None) -> int:
     for task, variants in summary.items():
         out = root / task / "compare"
         (out / "summary.json").write_text(json.dumps({"interval": INTERVAL, "variants": variants}, indent=2) + "\n")
-        text = table(task, variants)
+        labels = comparison_settings(root, task).get("labels", {})
+        text = table(task, variants, labels)
         (out / "table.md").write_text(text)
-        plot(task, variants, Path(args.figures))
+        plot(task, variants, Path(args.figures), labels)
         blocks.append(f"**{task.replace('_', ' ')}** (`results/gpt2/{task}/compare/`, "
                       f"`figures/gpt2_{task}_compare.png`)\n\n{text}")
     if blocks:  # no results yet: the README keeps its "not yet run" block

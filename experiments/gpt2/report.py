@@ -22,13 +22,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from scalebio.plotting import save_figure, style
+from scalebio.reproduce import Claim, reproduce_report
+from scalebio.results import read_jsonl
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "src"))
-
-from scalebio.plotting import save_figure, style  # noqa: E402
-from scalebio.reproduce import Claim, reproduce_report  # noqa: E402
-from scalebio.results import read_jsonl  # noqa: E402
-
 TASKS = ("denoising", "multilingual", "instruction_following")
 METRIC = "bits_per_byte"
 START, END = "<!-- gpt2-claims:start -->", "<!-- gpt2-claims:end -->"

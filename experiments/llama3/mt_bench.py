@@ -27,10 +27,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "src"))
+from scalebio.data import render_segments
 
-from scalebio.data import render_segments  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 log = logging.getLogger("llama3.mt_bench")
 

@@ -30,23 +30,31 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(HERE))
+from scalebio.config import load_config
+from scalebio.evaluation.record import LOWER_IS_BETTER, primary_metric
+from scalebio.finetune import FinetuneConfig, finetune
+from scalebio.resample import pool_from_run, resample
+from scalebio.results import copy_retrain_results, copy_run_results, relativize
+from scalebio.reproduce import Claim, arm_finished, prune, reproduce_report, reweight_finished
+from scalebio.reweight import run_reweight
+from scalebio.stages import Campaign, Unit
 
-from scalebio.config import load_config  # noqa: E402
-from scalebio.finetune import FinetuneConfig, finetune  # noqa: E402
-from scalebio.resample import pool_from_run, resample  # noqa: E402
-from scalebio.results import copy_retrain_results, copy_run_results, relativize  # noqa: E402
-from scalebio.reproduce import Claim, arm_finished, prune, reproduce_report, reweight_finished  # noqa: E402
-from scalebio.reweight import run_reweight  # noqa: E402
-from scalebio.stages import Campaign, Unit  # noqa: E402
+if __name__ == "__main__" and not __package__:  # run by its path: run it as the module it is (scalebio.scripts)
+    from scalebio.scripts import run_as_module
+    run_as_module(__file__)
+
+from experiments.llama3.tasks import evaluate_model  # noqa: E402
 
 log = logging.getLogger("llama3.offline")
 
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
 SEEDS = [0, 1]
 """The fine-tuning seeds of the committed run."""
+ARMS = {"learned": {"weights": "learned"}, "uniform": {"weights": "uniform"}}
+"""Each arm: the weights its examples are drawn by (the reweighting run's learned weights, or uniform), as
+protocol.ARMS; every arm is fine-tuned and evaluated the same way."""
 
 EVAL = {"loglik_limit": 300, "em_limit": 50, "max_gen_toks": 160}
 """Offline evaluation: the first 300 GSM8K / MATH test records by log-likelihood (test.json is whole), and greedy
@@ -63,20 +71,6 @@ SMOKE = {
     "n": 16,
     "eval": {"loglik_limit": 4, "em_limit": 2, "max_gen_toks": 4, "test_limit": 4},
 }
-
-
-def evaluate_model(model, tokenizer, out: Path, work: Path, max_length: int, settings: dict) -> None:
-    """The offline tasks of tasks.py on one model (in memory) → ``out`` (eval.json). ``settings["mt_bench"]``: also
-    MT-Bench's reference answers; ``settings["samples"]``: also the per-document ``eval_samples.jsonl`` beside it."""
-    from scalebio.evaluation import evaluate
-    from tasks import offline_tasks
-
-    tasks = offline_tasks(tokenizer, work_dir=work, loglik_limit=settings["loglik_limit"],
-                          em_limit=settings["em_limit"], max_gen_toks=settings["max_gen_toks"],
-                          max_length=max_length, test_limit=settings.get("test_limit"),
-                          mt_bench=settings.get("mt_bench", False))
-    samples = out.with_name("eval_samples.jsonl") if settings.get("samples") else None
-    evaluate(model, tokenizer, tasks, out, samples_out=samples)
 
 
 def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, results_root: Path | None = None,
@@ -131,7 +125,7 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
 
     def arm(seed: int, method: str) -> Unit:
         out, work = results_root / f"{method}_seed{seed}", runs_root / f"{method}_seed{seed}"
-        weights = None if method == "uniform" else rw_dir / "weights.json"
+        weights = rw_dir / "weights.json" if ARMS[method]["weights"] == "learned" else None
 
         def finished():
             return arm_finished(work, weights, run_weights=rw_dir / "weights.json")
@@ -166,7 +160,7 @@ def run(seeds: list[int], smoke: bool = False, runs_root: Path | None = None, re
                   kind="reweight", where=rw_dir),
              Unit("evaluate base", run=evaluate_base, done=(base_work / "eval.json").is_file, publish=publish_base,
                   needs=("pool",), kind="evaluate", where=base_work),
-             *(arm(seed, method) for seed in seeds for method in ("learned", "uniform"))]
+             *(arm(seed, method) for seed in seeds for method in ARMS)]
     Campaign("offline", units).run()
     for path in prune(results_root, written) if prune_stale else []:
         log.info("removed %s: not produced by this run", path.relative_to(results_root))
@@ -180,8 +174,6 @@ only the stage folders beside it."""
 
 def _arm_means(folder: Path, method: str) -> dict[str, tuple[str, list[float]]]:
     """task → (primary metric, values over seeds) of one arm's eval.json files."""
-    from table1 import primary_metric
-
     out: dict[str, tuple[str, list[float]]] = {}
     for eval_file in sorted(folder.glob(f"{method}_seed*/eval.json"), key=lambda p: int(p.parent.name.rsplit("seed", 1)[1])):
         for task, metrics in json.loads(eval_file.read_text()).get("tasks", {}).items():
@@ -198,8 +190,6 @@ def claims(folder: Path) -> list[Claim]:
     larger seed-to-seed std of the two arms (a gap inside the spread over seeds is a tie), and both fine-tuned
     arms beat the base model; and the learned weights, largest first.
     """
-    from table1 import LOWER_IS_BETTER
-
     learned, uniform, base = (_arm_means(folder, m) for m in ("learned", "uniform", "base"))
     out = []
     for task in sorted(learned.keys() & uniform.keys()):

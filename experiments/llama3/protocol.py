@@ -41,21 +41,25 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(HERE))
+from scalebio.config import load_config, to_dict
+from scalebio.finetune import FinetuneConfig, finetune
+from scalebio.resample import pool_from_run, resample
+from scalebio.results import RUN_FILES, copy_retrain_results, relativize
+from scalebio.reproduce import Claim, arm_finished, reproduce_report
+from scalebio.reweight import run_reweight
+from scalebio.stages import ABSENT, Campaign, Unit, settings_diff, unit_record
 
-from scalebio.config import load_config, to_dict  # noqa: E402
-from scalebio.finetune import FinetuneConfig, finetune  # noqa: E402
-from scalebio.resample import pool_from_run, resample  # noqa: E402
-from scalebio.results import RUN_FILES, copy_retrain_results, relativize  # noqa: E402
-from scalebio.reproduce import Claim, arm_finished, reproduce_report  # noqa: E402
-from scalebio.reweight import run_reweight  # noqa: E402
-from scalebio.stages import ABSENT, Campaign, Unit, settings_diff, unit_record  # noqa: E402
-from offline import evaluate_model  # noqa: E402  (with settings "samples" and "mt_bench")
+if __name__ == "__main__" and not __package__:  # run by its path: run it as the module it is (scalebio.scripts)
+    from scalebio.scripts import run_as_module
+    run_as_module(__file__)
+
+from experiments.llama3.table1_protocol import collect_protocol  # noqa: E402
+from experiments.llama3.tasks import evaluate_model  # noqa: E402  (with settings "samples" and "mt_bench")
 
 log = logging.getLogger("llama3.protocol")
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 
 REWEIGHT_SEEDS = [0, 1, 2]
 FINETUNE_SEEDS = [0, 1, 2]
@@ -497,8 +501,6 @@ def claims(folder: Path) -> list[Claim]:
     """The claims of README.md's Table 1 rows, measured on one results/llama3/protocol folder: per task and per
     comparison arm, the paired difference learned − arm with its 95% bootstrap interval (holds when the verdict is
     "reproduced"); per reweighting seed, the control source below 1/k; the seed-to-seed Spearman correlations."""
-    from table1 import collect_protocol
-
     rows = collect_protocol(folder)
     out = []
     for r in rows["differences"]:

@@ -13,7 +13,8 @@ Offline tasks (local files from ../shared/data, lm-eval task dicts built by scal
                         questions): log-likelihood of the first-turn reference answer (first turn → instruction)
 
 ``--online`` adds the standard lm-eval tasks (ONLINE_TASKS; they download their data, so they need a network).
-MT-Bench is mt_bench.py. Results go to ``eval.json`` in scalebio.evaluation's compact format
+``evaluate_model`` runs them on a model in memory (offline.py, protocol.py). MT-Bench is mt_bench.py. Results go
+to ``eval.json`` in scalebio.evaluation's compact format
 ``{"tasks": {task: {metric: value}}, ...}``, which table1.py reads; ``--samples`` adds the per-document
 ``eval_samples.jsonl`` beside it (scalebio.evaluation.record) for table1.py's confidence intervals.
 """
@@ -26,12 +27,11 @@ import logging
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "src"))
-
-from scalebio.data import read_records  # noqa: E402
-from scalebio.evaluation import (evaluate, exact_match_task, load_model, response_loglik_task,  # noqa: E402
+from scalebio.data import read_records
+from scalebio.evaluation import (evaluate, exact_match_task, load_model, response_loglik_task,
                                  write_task_yaml)
+
+REPO = Path(__file__).resolve().parents[2]
 
 log = logging.getLogger("llama3.tasks")
 
@@ -94,6 +94,19 @@ def offline_tasks(tokenizer, shared_data: str | Path = SHARED_DATA, work_dir: st
                                           limit=loglik_limit, rendered_dir=rendered, max_length=max_length))
     return tasks
 
+
+
+def evaluate_model(model, tokenizer, out: Path, work: Path, max_length: int, settings: dict) -> None:
+    """The offline tasks on one model (in memory) → ``out`` (eval.json), as offline.py and protocol.py evaluate
+    every arm. ``settings``: ``loglik_limit``, ``em_limit``, ``max_gen_toks``, ``test_limit`` (offline_tasks);
+    ``mt_bench``: also MT-Bench's reference answers; ``samples``: also the per-document ``eval_samples.jsonl``
+    beside ``out``."""
+    tasks = offline_tasks(tokenizer, work_dir=work, loglik_limit=settings["loglik_limit"],
+                          em_limit=settings["em_limit"], max_gen_toks=settings["max_gen_toks"],
+                          max_length=max_length, test_limit=settings.get("test_limit"),
+                          mt_bench=settings.get("mt_bench", False))
+    samples = out.with_name("eval_samples.jsonl") if settings.get("samples") else None
+    evaluate(model, tokenizer, tasks, out, samples_out=samples)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -27,6 +27,7 @@ import json
 import math
 import shlex
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -46,27 +47,9 @@ class Format:
     basis: str | None
     """Default basis (examples / tokens); None for the subsample formats, where it does not apply."""
     extension: str
+    render: Callable[[MixtureExport], dict[str, str]]
+    """The text (and companion files) of an export in this format."""
 
-
-FORMATS: dict[str, Format] = {f.name: f for f in [
-    Format("hf", "probability that the next example comes from the source (datasets.interleave_datasets "
-                 "probabilities); a Python snippet with the mixture as JSON", "examples", ".py"),
-    Format("llamafactory", "interleave_probs: probability of the next example, in `dataset:` order, with "
-                           "mix_strategy interleave_under / interleave_over", "examples", ".yaml"),
-    Format("megatron", "--data-path w1 prefix1 w2 prefix2 ...: share of the training samples (fixed-length token "
-                       "sequences) drawn from each prefix, normalised by Megatron; plus the --data-args-path file",
-           "tokens", ".sh"),
-    Format("torchtune", "InterleavedDataset: each child's weight, the probability of the next example",
-           "examples", ".yaml"),
-    Format("nanotron", "dataset_path: {path: weight}: share of each epoch's samples (token sequences) from "
-                       "each pre-tokenized dataset", "tokens", ".yaml"),
-    Format("olmo", "OLMo-core SourceMixtureConfig target_ratio: share of the mixture's tokens (sums to 1), with "
-                   "max_repetition_ratio from --total", "tokens", ".py"),
-    Format("axolotl", "per-dataset weight in (0, 1]: the fraction of that dataset kept (a subsample), computed "
-                      "from p and the source sizes so the kept examples are mixed by p", None, ".yaml"),
-    Format("open-instruct", "dataset_mixer: fraction of each dataset kept (like axolotl), or with --total N the "
-                            "number of examples of each", None, ".yaml"),
-]}
 
 STOPPING = {"first_exhausted": "interleave_under", "all_exhausted": "interleave_over"}
 """datasets' stopping_strategy → LLaMA-Factory's mix_strategy."""
@@ -178,207 +161,267 @@ def _number(x: float) -> str:
     return text if "." in text else text + ".0"
 
 
-class _Exporter:
-    def __init__(self, mix: Mixture, fmt: Format, paths: dict[str, str], basis: str | None, stopping: str,
-                 total: int | None, sizes: dict[str, int], seed: int, command: str):
-        self.mix, self.fmt, self.seed, self.stopping, self.total = mix, fmt, seed, stopping, total
-        self.names = mix.names
-        self.paths = [paths.get(n, n) for n in self.names]
-        self.command = command
-        if fmt.basis is None:
-            if basis is not None:
-                raise ExportError(f"--basis: {fmt.name} takes subsample fractions or counts of examples, which realise "
-                                  f"the run's example mixture; a basis does not apply")
-            self.basis = "examples"
+@dataclass(frozen=True)
+class Numbers:
+    """The numbers one export writes, and how they were derived from the run's p (its header lines)."""
+
+    values: list[float] | list[int]
+    """One per source, in the run's order: probabilities, token shares, subsample fractions or example counts."""
+    basis: str
+    """examples or tokens: what the values are shares of (the subsample formats realise the example mixture)."""
+    derivation: list[str]
+
+
+def need_stats(mix: Mixture, why: str) -> dict[str, dict[str, int]]:
+    """The run's per-source counts, or an error saying that ``why`` needs them."""
+    if mix.stats is None:
+        raise ExportError(f"{mix.weights_file}: no field 'source_stats' (written before scalebio recorded "
+                          f"per-source examples and tokens); {why} needs it. Rerun `scalebio reweight` (it "
+                          f"resumes from the last checkpoint and rewrites weights.json), or export with "
+                          f"--basis examples")
+    return mix.stats
+
+
+def source_sizes(mix: Mixture, given: dict[str, int]) -> list[int]:
+    """n_i of every source: ``given`` (--sizes), else the examples the run kept, else its example counts."""
+    out = []
+    for n in mix.names:
+        if n in given:
+            out.append(given[n])
+        elif mix.stats is not None:
+            out.append(mix.stats[n]["examples"])
+        elif mix.example_counts and n in mix.example_counts:
+            out.append(int(mix.example_counts[n]))
         else:
-            self.basis = basis or fmt.basis
-        self.header: list[str] = []
-        self.values = self._values(sizes)
+            raise ExportError(f"{mix.weights_file}: no size for source {n!r} (neither 'source_stats' nor "
+                              f"'example_counts'); give --sizes {n}=N")
+    bad = [n for n, s in zip(mix.names, out) if s < 1]
+    if bad:
+        raise ExportError(f"--sizes: source {bad[0]!r} needs a positive size")
+    return out
 
-    # -- the numbers -----------------------------------------------------------------------------------
-    def _need_stats(self, why: str) -> dict:
-        if self.mix.stats is None:
-            raise ExportError(f"{self.mix.weights_file}: no field 'source_stats' (written before scalebio recorded "
-                              f"per-source examples and tokens); {why} needs it. Rerun `scalebio reweight` (it "
-                              f"resumes from the last checkpoint and rewrites weights.json), or export with "
-                              f"--basis examples")
-        return self.mix.stats
 
-    def _values(self, sizes: dict[str, int]) -> list[float] | list[int]:
-        p, names = self.mix.probabilities, self.names
-        lines = [f"run mixture (example basis, weights.json): " + ", ".join(f"{n}={_number(x)}" for n, x in zip(names, p))]
-        if self.fmt.basis is None:
-            n = self._sizes(sizes)
-            if self.total is not None:
-                counts = apportion(p, self.total)
-                lines.append(f"counts = {self.total} examples split by p with largest remainders: "
-                             + ", ".join(f"{a}={c}" for a, c in zip(names, counts)))
-                over = [a for a, c, s in zip(names, counts, n) if c > s]
-                if over:
-                    lines.append("counts above a source's size repeat its examples (open-instruct upsamples): "
-                                 + ", ".join(over))
-                self.header += lines
-                return counts
-            f = subsample_fractions(p, n)
-            lines.append("subsample fraction f_i = (p_i / n_i) / max_j (p_j / n_j), so the kept f_i n_i examples are "
-                         "mixed by p; sizes n_i: " + ", ".join(f"{a}={s}" for a, s in zip(names, n)))
-            lines.append("kept examples f_i n_i: " + ", ".join(f"{a}={fi * s:.1f}" for a, fi, s in zip(names, f, n)))
-            self.header += lines
-            return f
-        if self.basis == "examples":
-            lines.append("basis: examples (each number is the probability of the next example; the run's p as is)")
-            self.header += lines
-            return list(p)
-        stats = self._need_stats("--basis tokens")
-        m = mean_lengths(stats, names)
-        q = to_token_basis(p, m)
-        lines.append("basis: tokens. q_i = p_i m_i / sum_j p_j m_j, m_i = tokens_i / examples_i of the run "
-                     "(after decontamination and truncation, the run's tokenizer); the inverse is "
-                     "p_i = (q_i / m_i) / sum_j (q_j / m_j)")
-        lines += [f"  {a}: examples={stats[a]['examples']} tokens={stats[a]['tokens']} m={mi:.3f} p={_number(pi)} "
-                  f"q={_number(qi)}" for a, mi, pi, qi in zip(names, m, p, q)]
-        self.header += lines
-        return q
+def format_numbers(mix: Mixture, fmt: Format, basis: str | None = None, total: int | None = None,
+                   sizes: dict[str, int] | None = None) -> Numbers:
+    """What ``fmt`` writes for the run's p: p itself (example basis), the token shares q (token basis), the
+    subsample fractions f, or with ``total`` the example counts. A pure function of its arguments."""
+    p, names = mix.probabilities, mix.names
+    if fmt.basis is None and basis is not None:
+        raise ExportError(f"--basis: {fmt.name} takes subsample fractions or counts of examples, which realise "
+                          f"the run's example mixture; a basis does not apply")
+    lines = ["run mixture (example basis, weights.json): " + ", ".join(f"{n}={_number(x)}" for n, x in zip(names, p))]
+    if fmt.basis is None:
+        n = source_sizes(mix, sizes or {})
+        if total is not None:
+            counts = apportion(p, total)
+            lines.append(f"counts = {total} examples split by p with largest remainders: "
+                         + ", ".join(f"{a}={c}" for a, c in zip(names, counts)))
+            over = [a for a, c, s in zip(names, counts, n) if c > s]
+            if over:
+                lines.append("counts above a source's size repeat its examples (open-instruct upsamples): "
+                             + ", ".join(over))
+            return Numbers(counts, "examples", lines)
+        f = subsample_fractions(p, n)
+        lines.append("subsample fraction f_i = (p_i / n_i) / max_j (p_j / n_j), so the kept f_i n_i examples are "
+                     "mixed by p; sizes n_i: " + ", ".join(f"{a}={s}" for a, s in zip(names, n)))
+        lines.append("kept examples f_i n_i: " + ", ".join(f"{a}={fi * s:.1f}" for a, fi, s in zip(names, f, n)))
+        return Numbers(f, "examples", lines)
+    basis = basis or fmt.basis
+    if basis == "examples":
+        lines.append("basis: examples (each number is the probability of the next example; the run's p as is)")
+        return Numbers(list(p), basis, lines)
+    stats = need_stats(mix, "--basis tokens")
+    m = mean_lengths(stats, names)
+    q = to_token_basis(p, m)
+    lines.append("basis: tokens. q_i = p_i m_i / sum_j p_j m_j, m_i = tokens_i / examples_i of the run "
+                 "(after decontamination and truncation, the run's tokenizer); the inverse is "
+                 "p_i = (q_i / m_i) / sum_j (q_j / m_j)")
+    lines += [f"  {a}: examples={stats[a]['examples']} tokens={stats[a]['tokens']} m={mi:.3f} p={_number(pi)} "
+              f"q={_number(qi)}" for a, mi, pi, qi in zip(names, m, p, q)]
+    return Numbers(q, basis, lines)
 
-    def _sizes(self, given: dict[str, int]) -> list[int]:
-        out = []
-        for n in self.names:
-            if n in given:
-                out.append(given[n])
-            elif self.mix.stats is not None:
-                out.append(self.mix.stats[n]["examples"])
-            elif self.mix.example_counts and n in self.mix.example_counts:
-                out.append(int(self.mix.example_counts[n]))
-            else:
-                raise ExportError(f"{self.mix.weights_file}: no size for source {n!r} (neither 'source_stats' nor "
-                                  f"'example_counts'); give --sizes {n}=N")
-        bad = [n for n, s in zip(self.names, out) if s < 1]
-        if bad:
-            raise ExportError(f"--sizes: source {bad[0]!r} needs a positive size")
-        return out
 
-    # -- the text --------------------------------------------------------------------------------------
-    def comments(self, mark: str = "#") -> str:
-        prov = self.mix.provenance
-        lines = [f"Written by: {self.command}",
-                 f"From: {self.mix.weights_file} (step {prov.get('step')}, seed {prov.get('seed')}, "
-                 f"config digest {prov.get('config_digest')})",
-                 f"Each number ({self.fmt.name}): {self.fmt.numbers}."]
-        lines += self.header
-        if any(p == n for p, n in zip(self.paths, self.names)):
-            lines.append("paths: source names stand in where --paths gave none")
-        return "".join(f"{mark} {line}\n" for line in lines)
+@dataclass(frozen=True)
+class MixtureExport:
+    """Everything a renderer reads: the run's mixture, the format, a path per source (the source name where
+    --paths gave none), the numbers, and the trainer options."""
 
-    def render(self) -> dict[str, str]:
-        """{suffix: text}; "" is the main output, other suffixes are companion files beside --out."""
-        return getattr(self, "_" + self.fmt.name.replace("-", "_"))()
+    mix: Mixture
+    fmt: Format
+    paths: list[str]
+    numbers: Numbers
+    stopping: str
+    total: int | None
+    seed: int
+    command: str
 
-    def _yaml(self, data) -> str:
-        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000)
+    @property
+    def names(self) -> list[str]:
+        return self.mix.names
 
-    def _hf(self) -> dict[str, str]:
-        mixture = {"sources": self.names, "paths": self.paths, "probabilities": self.values,
-                   "stopping_strategy": self.stopping, "seed": self.seed, "basis": self.basis}
-        text = (self.comments() + "import json\n\nimport datasets\n\n"
-                "# --- mixture (JSON) ---\n"
-                f"MIXTURE = json.loads(r'''{json.dumps(mixture, indent=2, ensure_ascii=False)}''')\n"
-                "# --- end mixture ---\n\n\n"
-                "def mix(sources):\n"
-                "    \"\"\"The datasets of MIXTURE['paths'], in that order, interleaved by its probabilities.\"\"\"\n"
-                "    return datasets.interleave_datasets(list(sources), probabilities=MIXTURE['probabilities'],\n"
-                "                                        seed=MIXTURE['seed'], stopping_strategy=MIXTURE['stopping_strategy'])\n\n\n"
-                "if __name__ == '__main__':\n"
-                "    mixed = mix(datasets.load_dataset('json', data_files=p, split='train') for p in MIXTURE['paths'])\n"
-                "    print(mixed)\n")
-        return {"": text}
+    @property
+    def values(self) -> list:
+        return self.numbers.values
 
-    def _llamafactory(self) -> dict[str, str]:
-        bad = [p for p in self.paths if "," in p]
-        if bad:
-            raise ExportError(f"--paths: LLaMA-Factory's `dataset:` is comma-separated, so {bad[0]!r} cannot be a name")
-        data = {"dataset": ",".join(self.paths), "mix_strategy": STOPPING[self.stopping],
-                "interleave_probs": ",".join(_number(x) for x in self.values)}
-        note = ("# `dataset:` names are entries of your dataset_dir/dataset_info.json (for a local file: "
-                "{\"NAME\": {\"file_name\": \"PATH\"}}).\n"
-                f"# mix_strategy {STOPPING[self.stopping]} = datasets stopping_strategy {self.stopping}.\n")
-        return {"": self.comments() + note + self._yaml(data)}
 
-    def _megatron(self) -> dict[str, str]:
-        bad = [p for p in self.paths if not p or any(c.isspace() for c in p)]
-        if bad:
-            raise ExportError(f"--paths: Megatron splits --data-path and the --data-args-path file on whitespace, so "
-                              f"the prefix {bad[0]!r} cannot be used")
-        pairs = [(_number(w), p) for w, p in zip(self.values, self.paths)]
-        words = " ".join(f"{w} {shlex.quote(p)}" for w, p in pairs)  # quoted for the shell (e.g. '$')
-        note = ("# Megatron normalises the weights and draws that share of its training samples from each prefix\n"
-                "# (samples, not dataset sizes: a small prefix is repeated to reach its share).\n"
-                "# Use:  pretrain_gpt.py ... --data-path \"${DATA_PATH[@]}\"\n"
-                "# or:   pretrain_gpt.py ... --data-args-path FILE, FILE holding the same \"weight prefix\" pairs\n"
-                "#       (written beside --out as *.data_args.txt).\n")
-        data_args = "".join(f"{w} {p}\n" for w, p in pairs)
-        return {"": self.comments() + note + f"DATA_PATH=({words})\n", ".data_args.txt": data_args}
+def comments(job: MixtureExport, mark: str = "#") -> str:
+    """The header every export opens with: the command, the weights file, what each number means, how it was
+    derived."""
+    prov = job.mix.provenance
+    lines = [f"Written by: {job.command}",
+             f"From: {job.mix.weights_file} (step {prov.get('step')}, seed {prov.get('seed')}, "
+             f"config digest {prov.get('config_digest')})",
+             f"Each number ({job.fmt.name}): {job.fmt.numbers}."]
+    lines += job.numbers.derivation
+    if any(p == n for p, n in zip(job.paths, job.names)):
+        lines.append("paths: source names stand in where --paths gave none")
+    return "".join(f"{mark} {line}\n" for line in lines)
 
-    def _torchtune(self) -> dict[str, str]:
-        children = [{"_component_": "torchtune.datasets.HfIterableDataset", "path": "json", "data_files": p,
-                     "split": "train", "dataset_name": n, "weight": w}
-                    for n, p, w in zip(self.names, self.paths, self.values)]
-        data = {"dataset": {"_component_": "torchtune.datasets.InterleavedDataset", "seed": self.seed,
-                            "datasets": children}}
-        note = ("# InterleavedDataset normalises the children's weights and draws the next example's source with them.\n"
-                "# Add each child's message_transform / model_transform as for any HfIterableDataset. Releases whose\n"
-                "# InterleavedDataset takes a `weights:` list instead: weights: ["
-                + ", ".join(_number(w) for w in self.values) + "]\n")
-        return {"": self.comments() + note + self._yaml(data)}
 
-    def _nanotron(self) -> dict[str, str]:
-        data = {"data_stages": [{"name": "scalebio mixture", "start_training_step": 1, "data": {
-            "dataset": {"dataset_path": dict(zip(self.paths, self.values))}, "num_loading_workers": 1,
-            "seed": self.seed}}]}
-        note = ("# Nanosets: paths are pre-tokenized *_input_ids.npy files; each epoch holds that share of its samples\n"
-                "# (sequence_length tokens each) from each. Releases with dataset_folder / dataset_weights take the same\n"
-                "# numbers in the same order: dataset_weights: [" + ", ".join(_number(w) for w in self.values) + "]\n")
-        return {"": self.comments() + note + self._yaml(data)}
+def _yaml(data) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000)
 
-    def _olmo(self) -> dict[str, str]:
-        reps = [1.0] * len(self.names)
-        lines = []
-        if self.total is not None:
-            stats = self._need_stats("max_repetition_ratio from --total")
-            reps = [max(1.0, q * self.total / stats[n]["tokens"]) for n, q in zip(self.names, self.values)]
-            lines.append(f"# requested_tokens = {self.total}; max_repetition_ratio = max(1, target_ratio * "
-                         f"requested_tokens / tokens of the source in the run): an estimate, OLMo-core counts its own "
-                         f"tokens\n")
-        else:
-            lines.append("# max_repetition_ratio 1.0: no repetition; give --total REQUESTED_TOKENS to size it\n")
-        srcs = "".join(f"        SourceMixtureConfig(source_name={json.dumps(n)}, target_ratio={_number(q)},\n"
-                       f"                            paths=[{json.dumps(p)}], max_repetition_ratio={_number(r)}),\n"
-                       for n, p, q, r in zip(self.names, self.paths, self.values, reps))
-        text = (self.comments() + "".join(lines)
-                + "# Pass SOURCES as SourceMixtureDatasetConfig(source_list=SOURCES, requested_tokens=..., "
-                  "global_batch_size=...)\n"
-                  "# (older releases: source_configs=SOURCES.sources).\n"
-                  "from olmo_core.data.source_mixture import SourceMixtureConfig, SourceMixtureList\n\n"
-                  "SOURCES = SourceMixtureList(\n    sources=[\n" + srcs + "    ]\n)\n")
-        return {"": text}
 
-    def _axolotl(self) -> dict[str, str]:
-        data = {"datasets": [{"path": p, "weight": w} for p, w in zip(self.paths, self.values)]}
-        note = ("# axolotl keeps a random `weight` fraction of each dataset before tokenization, then concatenates.\n"
-                "# The fractions assume the sizes above: give --sizes name=N if axolotl loads other files.\n"
-                "# Add each dataset's `type:` (alpaca, chat_template, completion, ...) as usual.\n")
-        return {"": self.comments() + note + self._yaml(data)}
+# Renderers: MixtureExport → {suffix: text}; "" is the main output, other suffixes are companion files beside --out.
 
-    def _open_instruct(self) -> dict[str, str]:
-        if self.total is not None:
-            values = [str(int(c)) for c in self.values]
-            note = "# Integers are example counts (open-instruct repeats examples when a count exceeds the dataset).\n"
-        else:
-            values = [_number(f) for f in self.values]
-            note = "# Numbers with a '.' are fractions of each dataset (open-instruct reads '1' as a count).\n"
-        mixer_list = " ".join(f"{shlex.quote(p)} {v}" for p, v in zip(self.paths, values))
-        note += f"# Command line: --dataset_mixer_list {mixer_list}\n"
-        data = {"dataset_mixer": {p: (int(v) if self.total is not None else float(v)) for p, v in zip(self.paths, values)}}
-        return {"": self.comments() + note + self._yaml(data)}
+
+def render_hf(job: MixtureExport) -> dict[str, str]:
+    mixture = {"sources": job.names, "paths": job.paths, "probabilities": job.values,
+               "stopping_strategy": job.stopping, "seed": job.seed, "basis": job.numbers.basis}
+    text = (comments(job) + "import json\n\nimport datasets\n\n"
+            "# --- mixture (JSON) ---\n"
+            f"MIXTURE = json.loads(r'''{json.dumps(mixture, indent=2, ensure_ascii=False)}''')\n"
+            "# --- end mixture ---\n\n\n"
+            "def mix(sources):\n"
+            "    \"\"\"The datasets of MIXTURE['paths'], in that order, interleaved by its probabilities.\"\"\"\n"
+            "    return datasets.interleave_datasets(list(sources), probabilities=MIXTURE['probabilities'],\n"
+            "                                        seed=MIXTURE['seed'], stopping_strategy=MIXTURE['stopping_strategy'])\n\n\n"
+            "if __name__ == '__main__':\n"
+            "    mixed = mix(datasets.load_dataset('json', data_files=p, split='train') for p in MIXTURE['paths'])\n"
+            "    print(mixed)\n")
+    return {"": text}
+
+
+def render_llamafactory(job: MixtureExport) -> dict[str, str]:
+    bad = [p for p in job.paths if "," in p]
+    if bad:
+        raise ExportError(f"--paths: LLaMA-Factory's `dataset:` is comma-separated, so {bad[0]!r} cannot be a name")
+    data = {"dataset": ",".join(job.paths), "mix_strategy": STOPPING[job.stopping],
+            "interleave_probs": ",".join(_number(x) for x in job.values)}
+    note = ("# `dataset:` names are entries of your dataset_dir/dataset_info.json (for a local file: "
+            "{\"NAME\": {\"file_name\": \"PATH\"}}).\n"
+            f"# mix_strategy {STOPPING[job.stopping]} = datasets stopping_strategy {job.stopping}.\n")
+    return {"": comments(job) + note + _yaml(data)}
+
+
+def render_megatron(job: MixtureExport) -> dict[str, str]:
+    bad = [p for p in job.paths if not p or any(c.isspace() for c in p)]
+    if bad:
+        raise ExportError(f"--paths: Megatron splits --data-path and the --data-args-path file on whitespace, so "
+                          f"the prefix {bad[0]!r} cannot be used")
+    pairs = [(_number(w), p) for w, p in zip(job.values, job.paths)]
+    words = " ".join(f"{w} {shlex.quote(p)}" for w, p in pairs)  # quoted for the shell (e.g. '$')
+    note = ("# Megatron normalises the weights and draws that share of its training samples from each prefix\n"
+            "# (samples, not dataset sizes: a small prefix is repeated to reach its share).\n"
+            "# Use:  pretrain_gpt.py ... --data-path \"${DATA_PATH[@]}\"\n"
+            "# or:   pretrain_gpt.py ... --data-args-path FILE, FILE holding the same \"weight prefix\" pairs\n"
+            "#       (written beside --out as *.data_args.txt).\n")
+    data_args = "".join(f"{w} {p}\n" for w, p in pairs)
+    return {"": comments(job) + note + f"DATA_PATH=({words})\n", ".data_args.txt": data_args}
+
+
+def render_torchtune(job: MixtureExport) -> dict[str, str]:
+    children = [{"_component_": "torchtune.datasets.HfIterableDataset", "path": "json", "data_files": p,
+                 "split": "train", "dataset_name": n, "weight": w}
+                for n, p, w in zip(job.names, job.paths, job.values)]
+    data = {"dataset": {"_component_": "torchtune.datasets.InterleavedDataset", "seed": job.seed,
+                        "datasets": children}}
+    note = ("# InterleavedDataset normalises the children's weights and draws the next example's source with them.\n"
+            "# Add each child's message_transform / model_transform as for any HfIterableDataset. Releases whose\n"
+            "# InterleavedDataset takes a `weights:` list instead: weights: ["
+            + ", ".join(_number(w) for w in job.values) + "]\n")
+    return {"": comments(job) + note + _yaml(data)}
+
+
+def render_nanotron(job: MixtureExport) -> dict[str, str]:
+    data = {"data_stages": [{"name": "scalebio mixture", "start_training_step": 1, "data": {
+        "dataset": {"dataset_path": dict(zip(job.paths, job.values))}, "num_loading_workers": 1,
+        "seed": job.seed}}]}
+    note = ("# Nanosets: paths are pre-tokenized *_input_ids.npy files; each epoch holds that share of its samples\n"
+            "# (sequence_length tokens each) from each. Releases with dataset_folder / dataset_weights take the same\n"
+            "# numbers in the same order: dataset_weights: [" + ", ".join(_number(w) for w in job.values) + "]\n")
+    return {"": comments(job) + note + _yaml(data)}
+
+
+def render_olmo(job: MixtureExport) -> dict[str, str]:
+    reps = [1.0] * len(job.names)
+    lines = []
+    if job.total is not None:
+        stats = need_stats(job.mix, "max_repetition_ratio from --total")
+        reps = [max(1.0, q * job.total / stats[n]["tokens"]) for n, q in zip(job.names, job.values)]
+        lines.append(f"# requested_tokens = {job.total}; max_repetition_ratio = max(1, target_ratio * "
+                     f"requested_tokens / tokens of the source in the run): an estimate, OLMo-core counts its own "
+                     f"tokens\n")
+    else:
+        lines.append("# max_repetition_ratio 1.0: no repetition; give --total REQUESTED_TOKENS to size it\n")
+    srcs = "".join(f"        SourceMixtureConfig(source_name={json.dumps(n)}, target_ratio={_number(q)},\n"
+                   f"                            paths=[{json.dumps(p)}], max_repetition_ratio={_number(r)}),\n"
+                   for n, p, q, r in zip(job.names, job.paths, job.values, reps))
+    text = (comments(job) + "".join(lines)
+            + "# Pass SOURCES as SourceMixtureDatasetConfig(source_list=SOURCES, requested_tokens=..., "
+              "global_batch_size=...)\n"
+              "# (older releases: source_configs=SOURCES.sources).\n"
+              "from olmo_core.data.source_mixture import SourceMixtureConfig, SourceMixtureList\n\n"
+              "SOURCES = SourceMixtureList(\n    sources=[\n" + srcs + "    ]\n)\n")
+    return {"": text}
+
+
+def render_axolotl(job: MixtureExport) -> dict[str, str]:
+    data = {"datasets": [{"path": p, "weight": w} for p, w in zip(job.paths, job.values)]}
+    note = ("# axolotl keeps a random `weight` fraction of each dataset before tokenization, then concatenates.\n"
+            "# The fractions assume the sizes above: give --sizes name=N if axolotl loads other files.\n"
+            "# Add each dataset's `type:` (alpaca, chat_template, completion, ...) as usual.\n")
+    return {"": comments(job) + note + _yaml(data)}
+
+
+def render_open_instruct(job: MixtureExport) -> dict[str, str]:
+    if job.total is not None:
+        values = [str(int(c)) for c in job.values]
+        note = "# Integers are example counts (open-instruct repeats examples when a count exceeds the dataset).\n"
+    else:
+        values = [_number(f) for f in job.values]
+        note = "# Numbers with a '.' are fractions of each dataset (open-instruct reads '1' as a count).\n"
+    mixer_list = " ".join(f"{shlex.quote(p)} {v}" for p, v in zip(job.paths, values))
+    note += f"# Command line: --dataset_mixer_list {mixer_list}\n"
+    data = {"dataset_mixer": {p: (int(v) if job.total is not None else float(v)) for p, v in zip(job.paths, values)}}
+    return {"": comments(job) + note + _yaml(data)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The formats: a new trainer is a renderer above and one entry here.
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in [
+    Format("hf", "probability that the next example comes from the source (datasets.interleave_datasets "
+                 "probabilities); a Python snippet with the mixture as JSON", "examples", ".py", render_hf),
+    Format("llamafactory", "interleave_probs: probability of the next example, in `dataset:` order, with "
+                           "mix_strategy interleave_under / interleave_over", "examples", ".yaml",
+           render_llamafactory),
+    Format("megatron", "--data-path w1 prefix1 w2 prefix2 ...: share of the training samples (fixed-length token "
+                       "sequences) drawn from each prefix, normalised by Megatron; plus the --data-args-path file",
+           "tokens", ".sh", render_megatron),
+    Format("torchtune", "InterleavedDataset: each child's weight, the probability of the next example",
+           "examples", ".yaml", render_torchtune),
+    Format("nanotron", "dataset_path: {path: weight}: share of each epoch's samples (token sequences) from "
+                       "each pre-tokenized dataset", "tokens", ".yaml", render_nanotron),
+    Format("olmo", "OLMo-core SourceMixtureConfig target_ratio: share of the mixture's tokens (sums to 1), with "
+                   "max_repetition_ratio from --total", "tokens", ".py", render_olmo),
+    Format("axolotl", "per-dataset weight in (0, 1]: the fraction of that dataset kept (a subsample), computed "
+                      "from p and the source sizes so the kept examples are mixed by p", None, ".yaml",
+           render_axolotl),
+    Format("open-instruct", "dataset_mixer: fraction of each dataset kept (like axolotl), or with --total N the "
+                            "number of examples of each", None, ".yaml", render_open_instruct),
+]}
 
 
 def export(run_dir_or_file: str | Path, fmt: str, paths: dict[str, str] | None = None, basis: str | None = None,
@@ -401,7 +444,9 @@ def export(run_dir_or_file: str | Path, fmt: str, paths: dict[str, str] | None =
     if unknown:
         raise ExportError(f"--paths: {unknown[0]!r} is not a source of {mix.weights_file}")
     command = command or f"scalebio export {run_dir_or_file} --to {fmt}"
-    return _Exporter(mix, FORMATS[fmt], paths, basis, stopping, total, dict(sizes or {}), seed, command).render()
+    numbers = format_numbers(mix, FORMATS[fmt], basis, total, sizes)
+    paths_in_order = [paths.get(n, n) for n in mix.names]
+    return FORMATS[fmt].render(MixtureExport(mix, FORMATS[fmt], paths_in_order, numbers, stopping, total, seed, command))
 
 
 def write_export(outputs: dict[str, str], out: str | Path | None) -> list[Path]:

@@ -13,11 +13,13 @@ prompts are removed from every source (the authors' own ``train_alpaca.json`` co
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
+if __name__ == "__main__" and not __package__:  # run by its path: run it as the module it is (scalebio.scripts)
+    from scalebio.scripts import run_as_module
+    run_as_module(__file__)
+
+from experiments.gpt2 import common  # noqa: E402
 
 TASK = "instruction_following"
 VAL_FILE = "scalebio_data_tiny/val.json"

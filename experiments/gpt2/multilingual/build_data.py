@@ -21,11 +21,13 @@ val/test sentence or its translation; any source text equal to a val/test text i
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
+if __name__ == "__main__" and not __package__:  # run by its path: run it as the module it is (scalebio.scripts)
+    from scalebio.scripts import run_as_module
+    run_as_module(__file__)
+
+from experiments.gpt2 import common  # noqa: E402
 
 TASK = "multilingual"
 NTREX = {

@@ -325,10 +325,14 @@ def select_less(model: nn.Module, pool: Sequence[data_mod.Example], validation: 
                 params: Sequence[nn.Parameter] | None = None, lora_rank: int = 8, lora_alpha: float = 32.0,
                 lora_targets: Sequence[str] = LORA_TARGETS, fraction: float = 0.05, epochs: int = 4,
                 batch_size: int = 32, lr: float = 1e-3, warmup_ratio: float = 0.03, proj_dim: int = 2048,
-                proj_kind: str = "rademacher", seed: int = 0, objective=None, device=None,
+                proj_kind: str = "rademacher", seed: int = 0, chunk: int = 16, objective=None, device=None,
                 progress: bool = False) -> LessSelection:
     """The whole LESS pipeline on ``model`` (the selection model); the model is left as it was (adapters removed,
-    a chosen ``params`` subset restored after the warm-up)."""
+    a chosen ``params`` subset restored after the warm-up).
+
+    ``chunk``: per-example gradients held at once before they are projected (``gradient_features``): memory grows
+    with chunk × the trained parameters, while each projection call regenerates the projection matrix, so a larger
+    chunk is faster. The features agree to rounding for any chunk."""
     adapters = None
     if params is None:
         adapters = add_lora(model, lora_targets, lora_rank, lora_alpha, seed)
@@ -346,9 +350,9 @@ def select_less(model: nn.Module, pool: Sequence[data_mod.Example], validation: 
             with torch.no_grad():
                 for p, value in zip(params, ckpt.params):
                     p.copy_(value)
-            train_features.append(gradient_features(model, params, pool, pad_id, projector, adam=ckpt,
+            train_features.append(gradient_features(model, params, pool, pad_id, projector, adam=ckpt, chunk=chunk,
                                                     objective=objective, device=device, progress=progress))
-            val_features.append(gradient_features(model, params, validation, pad_id, projector,
+            val_features.append(gradient_features(model, params, validation, pad_id, projector, chunk=chunk,
                                                   objective=objective, device=device, progress=progress))
     finally:
         if adapters is not None:
@@ -361,6 +365,6 @@ def select_less(model: nn.Module, pool: Sequence[data_mod.Example], validation: 
     scores = less_scores(train_features, val_features, lrs, val_groups, reduce)
     settings = {"n": n, "reduce": reduce, "adapters": "lora" if adapters is not None else "parameter subset",
                 "lora_rank": lora_rank, "lora_alpha": lora_alpha, "warmup_fraction": fraction, "epochs": epochs,
-                "batch_size": batch_size, "lr": lr, "proj_dim": proj_dim, "proj_kind": proj_kind,
+                "batch_size": batch_size, "lr": lr, "proj_dim": proj_dim, "proj_kind": proj_kind, "chunk": chunk,
                 "checkpoint_lrs": lrs}
     return LessSelection(top_n(scores, n), scores, lrs, provenance("less", PAPER, settings, seed))

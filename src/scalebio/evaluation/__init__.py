@@ -57,16 +57,16 @@ importable from ``scalebio.evaluation`` itself, which is also where YAML ``!func
 from .hooks import (EXACT_MATCH_IGNORE, NUMBER_REGEX, extract_answer, nll_per_token, normalise_answer,
                     process_plain_response, process_response_loglik, process_text_rolling)
 from .models import load_model
-from .record import compact_results, write_record
+from .record import LOWER_IS_BETTER, PRIMARY_METRICS, compact_results, primary_metric, write_record
 from .run import evaluate
 from .task_yaml import YAML_HELPER_MODULE, load_task_yaml, write_task_yaml
 from .tasks import (RESPONSE_BYTES, cut_utf8, exact_match_task, plain_response_doc, plain_response_docs,
                     render_prompt, render_response_doc, response_loglik_task)
 
 __all__ = [
-    "EXACT_MATCH_IGNORE", "NUMBER_REGEX", "RESPONSE_BYTES", "YAML_HELPER_MODULE", "compact_results", "cut_utf8",
-    "evaluate", "exact_match_task", "extract_answer", "load_model", "load_task_yaml", "nll_per_token",
-    "normalise_answer", "plain_response_doc", "plain_response_docs", "process_plain_response",
-    "process_response_loglik", "process_text_rolling", "render_prompt", "render_response_doc",
-    "response_loglik_task", "write_record", "write_task_yaml",
+    "EXACT_MATCH_IGNORE", "LOWER_IS_BETTER", "NUMBER_REGEX", "PRIMARY_METRICS", "RESPONSE_BYTES",
+    "YAML_HELPER_MODULE", "compact_results", "cut_utf8", "evaluate", "exact_match_task", "extract_answer",
+    "load_model", "load_task_yaml", "nll_per_token", "normalise_answer", "plain_response_doc", "plain_response_docs",
+    "primary_metric", "process_plain_response", "process_response_loglik", "process_text_rolling", "render_prompt",
+    "render_response_doc", "response_loglik_task", "write_record", "write_task_yaml",
 ]

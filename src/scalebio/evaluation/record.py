@@ -43,6 +43,23 @@ def compact_results(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+
+PRIMARY_METRICS = ["exact_match,extract", "exact_match,strict-match", "exact_match,flexible-extract", "exact_match",
+                   "acc_norm", "acc", "score", "nll_per_token", "bits_per_byte"]
+"""The metric that stands for a task in a table: the first of these the task has (``primary_metric``)."""
+LOWER_IS_BETTER = {"nll_per_token", "bits_per_byte", "token_perplexity", "word_perplexity", "byte_perplexity"}
+"""Metrics (without a filter suffix) where lower is better; for the others higher is."""
+
+
+def primary_metric(metrics: dict[str, float]) -> str | None:
+    """The one metric of a task's compact record that stands for it: the first of PRIMARY_METRICS it has, else its
+    alphabetically first metric that is not a stderr (None when it has none)."""
+    for name in PRIMARY_METRICS:
+        if name in metrics:
+            return name
+    rest = sorted(k for k in metrics if "stderr" not in k)
+    return rest[0] if rest else None
+
 def write_record(results: dict, out: Path, model_name: str, limit: int | None, lm_eval_version: str) -> dict:
     """Write ``out`` (the compact record) and ``out.with_suffix(".full.json")`` (lm-eval's results without
     per-sample logs) from ``simple_evaluate``'s results; log each task's metrics; return the compact record."""

@@ -1,0 +1,1 @@
+"""The GPT-2 experiments of the paper (denoising, multilingual, instruction following): README.md."""
