@@ -153,6 +153,12 @@ def test_protocol_units_and_status(tmp_path):
     status = campaign.status()
     assert "| reweight_seed0 | partial | step 2 of 3, checkpoint in " + str(run_dir / "checkpoints") in status
     assert "| learned_ft0 | waiting | needs pool, reweight_seed0 |" in status
+    # An arm in flight: its fine-tuning steps logged against the fine-tuning preset's.
+    ft_dir = tmp_path / "runs" / "uniform_ft1" / "finetune"
+    ft_dir.mkdir(parents=True)
+    (ft_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(2)))
+    steps = p.finetune_config(tmp_path / "runs" / "uniform_ft1", 1).steps
+    assert f"| uniform_ft1 | partial | step 2 of {steps}, checkpoint in {ft_dir / 'checkpoints'}" in campaign.status()
     assert " run --runs " + str(tmp_path / "runs") in status and status.rstrip("`\n").endswith("--smoke --jobs 2")
 
 

@@ -384,10 +384,16 @@ class Protocol:
                 shutil.copy2(work / f, out / f)
             self._relativize(out)
 
+        def progress():
+            """Fine-tuning steps logged so far (an arm in flight resumes from its newest checkpoint), or None."""
+            f = work / "finetune" / "metrics.jsonl"
+            n = sum(1 for line in f.open() if line.strip()) if f.is_file() else 0
+            return (n, self.finetune_config(work, i).steps) if n else None
+
         needs = ("pool", f"reweight_seed{rw_seed}") if weights else ("pool",)
         return Unit(name, run=run, done=lambda: finished() or published(), publish=lambda: finished() and publish(),
-                    needs=needs, kind="arm",
-                    estimate_s=ESTIMATE_S["arm"], where=work, check=self.check_settings)
+                    needs=needs, kind="arm", progress=progress,
+                    estimate_s=ESTIMATE_S["arm"], where=work / "finetune" / "checkpoints", check=self.check_settings)
 
     def source_pool(self) -> dict:
         """The training sources as the reweighting runs read them (decontaminated), name → records."""
