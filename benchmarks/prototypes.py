@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from scalebio.solver import ScaleBiO, StepStats
-from scalebio.weights import mixture_loss, source_counts, source_sums
+from scalebio.mixture import mixture_loss, source_counts, source_sums
 
 
 class FusedWScaleBiO(ScaleBiO):

@@ -13,7 +13,7 @@ from conftest import LinearModel, SquaredLossObjective, tiny_run_config
 from scalebio.config import ConfigError, SolverConfig, load_config, sampling_mode
 from scalebio.data import BatchSampler
 from scalebio.solver import CausalLMObjective, ScaleBiO, lr_shape, outer_schedule
-from scalebio.weights import lambda_gradient
+from scalebio.mixture import lambda_gradient
 
 K, D = 3, 4
 

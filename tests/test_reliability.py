@@ -37,7 +37,8 @@ from scalebio.results import (STALE_AFTER_S, RunDir, RunDirError, RunInterrupted
                               SignalWatch, replace_dir)
 from scalebio.reweight import Reweighting, ResumeError, run_reweight
 from scalebio.solver import NonFiniteLossError
-from scalebio.weights import (WeightsFileError, file_sha256, load_probabilities, load_weights, weights_record,
+from scalebio.files import file_sha256
+from scalebio.weights import (WeightsFileError, load_probabilities, load_weights, weights_record,
                               write_weights)
 
 

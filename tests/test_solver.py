@@ -20,7 +20,7 @@ import torch
 from conftest import LinearModel, SquaredLossObjective
 from scalebio.config import SolverConfig
 from scalebio.solver import ScaleBiO, lr_shape
-from scalebio.weights import lambda_gradient, mixture_loss, source_counts
+from scalebio.mixture import lambda_gradient, mixture_loss, source_counts
 
 K, D = 3, 4
 

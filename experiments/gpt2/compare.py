@@ -434,7 +434,7 @@ def run_arm(plan: dict, variant: dict, seed: int, method: str, run_dir: Path, da
     per-document values); DoReMi draws N by its weights (as pipeline.retrain_arm draws by ScaleBiO's), RHO-LOSS /
     LESS take their selection file; then the pipeline's finetune config and evaluation."""
     from scalebio.resample import pool_from_run, resample
-    from scalebio.weights import file_sha256
+    from scalebio.files import file_sha256
 
     work.mkdir(parents=True, exist_ok=True)
     for name in ("eval.json", "eval_samples.jsonl"):

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
 from scalebio.data import detect_format, prompt_key, read_records  # noqa: E402
-from scalebio.weights import file_sha256  # noqa: E402
+from scalebio.files import file_sha256  # noqa: E402
 
 log = logging.getLogger("llama3.build_pool")
 

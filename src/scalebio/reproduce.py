@@ -89,7 +89,7 @@ def arm_finished(work: str | Path, weights: str | Path | None, run_weights: str 
     is not finished. ``run_weights``: the weights.json of the reweighting run the arm otherwise depends on (its
     pool and tokenizer; for the uniform arm); an arm evaluated before that file was last written is not finished.
     """
-    from .weights import file_sha256
+    from .files import file_sha256
 
     work = Path(work)
     manifest_file, eval_file = work / "train.jsonl.manifest.json", work / "eval.json"

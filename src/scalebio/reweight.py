@@ -39,7 +39,8 @@ from .models import (build_model, check_max_length, load_tokenizer, model_positi
 from .results import (ResumeError, RunDir, RunDirError, RunInterrupted, SignalWatch, git_revision, hardware,
                       kill_point, own_run_dir, package_versions, replace_dir, write_json, write_text)
 from .solver import CausalLMObjective, NonFiniteLossError, ScaleBiO
-from .weights import file_sha256, weights_record
+from .files import file_sha256
+from .weights import weights_record
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from . import precision, sharding
 from .distributed import all_reduce, all_reduce_grads, world_size
 from .config import SolverConfig
 from .lisa import Lisa
-from .weights import mixture_loss, source_counts, source_sums
+from .mixture import mixture_loss, source_counts, source_sums
 
 
 class NonFiniteLossError(RuntimeError):
