@@ -40,7 +40,8 @@ from .results import (ResumeError, RunDir, RunInterrupted, SignalWatch, git_revi
                       own_run_dir, package_versions, write_json)
 from .files import file_sha256
 from .distributed import all_reduce, all_reduce_grads, init_distributed, rank_and_world, rank_slice
-from .solver import CausalLMObjective, NonFiniteLossError, lr_shape
+from .conventions import lr_shape
+from .solver import CausalLMObjective, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 

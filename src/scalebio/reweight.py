@@ -33,7 +33,8 @@ from . import data as data_mod
 from . import precision, sharding
 from .distributed import all_reduce, init_distributed, rank_and_world, rank_slice
 from .config import RunConfig, sampling_mode, to_dict
-from .lisa import Lisa
+from .conventions import resolve as resolve_conventions
+from .lisa import Lisa, solver_streams
 from .models import (build_model, check_max_length, load_tokenizer, model_position_limit, position_limit,
                      special_token_ids)
 from .results import (ResumeError, RunDir, RunDirError, RunInterrupted, SignalWatch, git_revision, hardware,
@@ -124,12 +125,12 @@ class Reweighting:
             log.info("u and w sharded over %d ranks with FSDP%s", self.world, " (CPU offload)" if self.offload else "")
         lisa_u = lisa_w = None
         if cfg.lisa.enabled:
-            streams = (0, 0) if cfg.lisa.shared else (1, 2)
-            lisa_u = Lisa(u, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, streams[0], cfg.lisa.keep_all_state)
-            lisa_w = Lisa(w, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, streams[1], cfg.lisa.keep_all_state)
+            stream_u, stream_w = solver_streams(cfg.lisa.shared)
+            lisa_u = Lisa(u, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, stream_u, cfg.lisa.keep_all_state)
+            lisa_w = Lisa(w, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, stream_w, cfg.lisa.keep_all_state)
         self.compute_dtype = precision.resolve(cfg.precision, self.device)
         objective = CausalLMObjective(chunked=self.sharding != "fsdp",
-                                      per_example="padded" if cfg.solver.conventions == "v1" else "response")
+                                      per_example=resolve_conventions(cfg.solver.conventions).per_example)
         self.solver = ScaleBiO(u, w, objective, len(self.sources), cfg.solver, lisa_u, lisa_w,
                                compute_dtype=self.compute_dtype, device=self.device)
         sizes = [len(s.examples) for s in self.sources]
@@ -251,7 +252,8 @@ class Reweighting:
             received = signals.pending(self.world)  # every rank agrees: a collective when distributed
             if received is not None:
                 self._interrupt(received, step, time.time() - t0)
-            alpha = solver.begin_step(step, self.steps_per_outer)
+            alpha = solver.schedule_step(step, self.steps_per_outer)  # learning rates, α (× τ per outer iteration)
+            solver.update_lisa(step)  # LISA: γ active blocks of u and of w, redrawn every K steps (method.md §4)
             train, val = self._draw()
             stats = solver.step(train, val)  # NonFiniteLossError propagates; the last checkpoint stays
             self._check_weights(step)
