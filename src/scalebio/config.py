@@ -7,6 +7,8 @@ Unknown keys and wrong types are errors that name the file and the dotted field.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -467,6 +469,16 @@ def prompt_style(cfg: RunConfig) -> str:
     if cfg.data.prompt != "auto":
         return cfg.data.prompt
     return resolve_conventions(cfg.solver.conventions).prompt
+
+
+def config_digest(cfg: RunConfig) -> str:
+    """What identifies a run's computation: the resolved config without ``resume``, ``run_dir`` and the config
+    file's own path (a run folder that is moved, or a config named relative to another working directory, is the
+    same run; the data files themselves are checked by sha256 on resume)."""
+    payload = to_dict(cfg)
+    for key in ("resume", "run_dir", "source_file"):
+        payload.pop(key, None)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def save_config(cfg: Any, path: Path) -> None:

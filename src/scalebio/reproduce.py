@@ -73,7 +73,7 @@ def committed_revision(repo: str | Path, rev: str = "HEAD") -> str | None:
 def reweight_finished(run_dir: str | Path, cfg) -> bool:
     """True when ``run_dir`` holds the final weights of a reweighting run of exactly ``cfg`` (a RunConfig): work
     this checkout finished, which a pipeline need not redo. A run of another config is not finished."""
-    from .reweight import config_digest
+    from .config import config_digest
 
     weights = Path(run_dir) / "weights.json"
     if not weights.is_file():

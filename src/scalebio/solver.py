@@ -373,6 +373,27 @@ class ScaleBiO:
             bad = t[~torch.isfinite(t)].flatten()[0].item() if t.dim() else t.item()
             raise NonFiniteLossError(step, which, bad)
 
+    # -- nothing non-finite is written -----------------------------------------------------------------------
+    def check_weights(self, step: int) -> None:
+        """λ and p = softmax(λ) must be finite (the run checks after every step, before its log lines)."""
+        lam = self.lam.detach()
+        for which, t in (("λ (source weight logits)", lam), ("p = softmax(λ)", torch.softmax(lam, dim=0))):
+            if not torch.isfinite(t).all():
+                raise NonFiniteLossError(step, which, t[~torch.isfinite(t)][0].item())
+
+    def check_parameters(self, step: int) -> None:
+        """Cheap finiteness check of u and w: one float64 sum per parameter tensor (a NaN or inf anywhere makes
+        the sum non-finite), summed over ranks when sharded. Every rank calls it."""
+        for name, model in (("u", self.u), ("w", self.w)):
+            total = torch.zeros((), dtype=torch.float64)
+            for q in model.parameters():
+                local = q.to_local() if hasattr(q, "to_local") else q  # an FSDP shard
+                total += local.detach().sum(dtype=torch.float64).cpu()
+            if sharding.is_sharded(model):
+                total = all_reduce(total)
+            if not torch.isfinite(total):
+                raise NonFiniteLossError(step, f"parameters of {name} (their sum)", total.item())
+
     # -- checkpointing -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Full (unsharded) state. With FSDP-sharded u and w this is a collective that every rank calls; the
