@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from scalebio.config import SolverConfig
-from scalebio.solver import CausalLMObjective, ScaleBiO, lr_shape
-from scalebio.weights import mixture_loss, source_counts
+from scalebio.conventions import lr_shape
+from scalebio.solver import CausalLMObjective, ScaleBiO
+from scalebio.mixture import mixture_loss, source_counts
 
 from .common import AllocationTrace, ModelSpec, SolverRunner, interleaved_times, summarize, token_batch
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from scalebio.solver import ScaleBiO, StepStats
-from scalebio.weights import mixture_loss, source_counts, source_sums
+from scalebio.mixture import mixture_loss, source_counts, source_sums
 
 
 class FusedWScaleBiO(ScaleBiO):
@@ -49,7 +49,7 @@ class FusedWScaleBiO(ScaleBiO):
         present = counts > 0
         mean_u = torch.where(present, sums_u / counts.clamp(min=1), torch.zeros_like(sums_u))
         mean_w = torch.where(present, sums_w / counts.clamp(min=1), torch.zeros_like(sums_w))
-        self.lambda_objective(mean_w, mean_u, val_sum / val_terms).backward()
+        self.lambda_objective(mean_w, mean_u).backward()
         self.opt_u.step()
         self.opt_w.step()
         self.opt_lam.step()

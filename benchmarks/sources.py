@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from scalebio.weights import mixture_loss, source_counts, source_sums
+from scalebio.mixture import mixture_loss, source_counts, source_sums
 
 from .common import ModelSpec, SolverRunner, interleaved_times, split_micro, spread, summarize, token_batch
 

@@ -12,8 +12,9 @@ import torch
 from conftest import LinearModel, SquaredLossObjective, tiny_run_config
 from scalebio.config import ConfigError, SolverConfig, load_config, sampling_mode
 from scalebio.data import BatchSampler
-from scalebio.solver import CausalLMObjective, ScaleBiO, lr_shape, outer_schedule
-from scalebio.weights import lambda_gradient
+from scalebio.conventions import lr_shape, released_lr_shape, resolve
+from scalebio.solver import CausalLMObjective, ScaleBiO
+from scalebio.mixture import lambda_gradient
 
 K, D = 3, 4
 
@@ -23,10 +24,16 @@ def test_warmup_scalebio_vs_released():
     """scalebio: ceil(r·N) warmup steps, factor (t+1)/W; acl/v1: int(r·N) steps, factor t/W (lr 0 at step 0).
     Catches the two conventions swapped or sharing one formula."""
     n, r = 100, 0.035  # r·N = 3.5: ceil 4, int 3
+
+    def shape(conventions, t):  # the lr multiplier the convention's schedule gives (one outer iteration, τ = 1)
+        return resolve(conventions).schedule(t, n, SolverConfig(warmup_ratio=r, conventions=conventions))[0]
+
     assert [lr_shape(t, n, r, "cosine") for t in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert [lr_shape(t, n, r, "cosine", "acl") for t in range(3)] == [0.0, 1 / 3, 2 / 3]
-    assert lr_shape(3, n, r, "cosine", "acl") == 1.0
-    assert lr_shape(50, n, r, "cosine", "v1") == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 97)))
+    assert [shape("scalebio", t) for t in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert [released_lr_shape(t, n, r, "cosine") for t in range(3)] == [0.0, 1 / 3, 2 / 3]
+    assert [shape("acl", t) for t in range(3)] == [0.0, 1 / 3, 2 / 3]
+    assert shape("acl", 3) == 1.0
+    assert shape("v1", 50) == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 97)))
 
 
 def test_outer_loop_conventions():
@@ -35,24 +42,124 @@ def test_outer_loop_conventions():
     ours = SolverConfig(alpha=10.0, tau=2.0, outer_iterations=3)
     theirs = SolverConfig(alpha=10.0, tau=2.0, outer_iterations=3, conventions="acl")
     steps = 10
-    assert outer_schedule(0, steps, 3, ours) == (1.0, 10.0)
-    assert outer_schedule(10, steps, 3, ours) == (1.0, 20.0)          # restarted cosine, α·τ
-    assert outer_schedule(25, steps, 3, ours)[1] == 40.0
-    shape, alpha = outer_schedule(10, steps, 3, theirs)
+
+    def outer_schedule(step, cfg):
+        return resolve(cfg.conventions).schedule(step, steps, cfg)
+
+    assert outer_schedule(0, ours) == (1.0, 10.0)
+    assert outer_schedule(10, ours) == (1.0, 20.0)          # restarted cosine, α·τ
+    assert outer_schedule(25, ours)[1] == 40.0
+    shape, alpha = outer_schedule(10, theirs)
     assert alpha == 40.0                                               # α·τ^(i+1), i = 1
     assert shape == pytest.approx(0.5 * (1 + math.cos(math.pi * 10 / 30)) / 2.0)
 
 
-def test_begin_step_applies_tau_and_eps():
+def test_schedule_step_applies_tau_and_eps():
     """The solver really uses the schedule: α doubles in outer iteration 1 (τ = 2); under acl u's Adam eps is
     eps/α (the released code steps u on α-scaled gradients). Catches τ ignored in the loop and the eps rule lost."""
     for conventions, alpha1 in (("scalebio", 20.0), ("acl", 40.0)):
         cfg = SolverConfig(alpha=10.0, tau=2.0, outer_iterations=2, conventions=conventions)
         solver = ScaleBiO(LinearModel(D), LinearModel(D), SquaredLossObjective(), K, cfg)
-        assert solver.begin_step(5, 5) == alpha1 and solver.alpha == alpha1
+        assert solver.schedule_step(5, 5) == alpha1 and solver.alpha == alpha1
         expected_eps = cfg.eps if conventions == "scalebio" else cfg.eps / alpha1
         assert solver.opt_u.param_groups[0]["eps"] == pytest.approx(expected_eps)
         assert solver.opt_w.param_groups[0]["eps"] == cfg.eps
+
+
+def test_acl_u_is_adam_on_alpha_scaled_gradients_across_a_change_of_alpha():
+    """acl: u steps as the released code's AdamW on the gradient of α·L2, with the configured eps, also across the
+    change of α between two outer iterations (τ = 2): its moments then hold gradients taken under the old α. The
+    reference is that Adam written out in plain torch. Catches u's moments left in the old α's units (eps/α alone
+    imitates the released code only while α is constant)."""
+    torch.manual_seed(0)
+    u, w = LinearModel(D), LinearModel(D)
+    with torch.no_grad():
+        u.weight.normal_()
+        w.weight.normal_()
+    steps, outer = 4, 2
+    cfg = SolverConfig(alpha=10.0, tau=2.0, outer_iterations=outer, schedule="constant", lr_u=1e-2, lr_w=1e-2,
+                       lr_lambda=1e-1, weight_decay_u=0.01, conventions="acl")
+    solver = ScaleBiO(u, w, SquaredLossObjective(), K, cfg)
+    beta1, beta2 = cfg.betas
+    ref = u.weight.detach().clone()
+    m, v = torch.zeros_like(ref), torch.zeros_like(ref)
+    for step in range(steps * outer):
+        train = [_batch(10 + step, [0, 1, 2, 0]), _batch(50 + step, [1, 2, 2])]
+        val = [_batch(90 + step, [0, 1])]
+        p = solver.weights()
+        solver.schedule_step(step, steps)
+        solver.step(train, val)
+        # The released code in outer iteration i: α·τ^(i+1), lr·τ^(−i) (constant shape), AdamW on ∇u (α · L2).
+        i = step // steps
+        alpha, lr = cfg.alpha * cfg.tau ** (i + 1), cfg.lr_u * cfg.tau ** (-i)
+        x = ref.clone().requires_grad_(True)
+        ell = torch.cat([0.5 * (mb["x"] @ x - mb["y"]) ** 2 for mb in train])
+        src = torch.cat([mb["source"] for mb in train])
+        (g,) = torch.autograd.grad(alpha * sum(p[j] * ell[src == j].mean() for j in range(K)), x)
+        t = step + 1
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        ref = ref * (1 - lr * cfg.weight_decay_u)
+        ref = ref - lr * (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + cfg.eps)
+        torch.testing.assert_close(solver.u.weight.detach(), ref, rtol=1e-10, atol=1e-13,
+                                   msg=lambda m, step=step: f"step {step}: {m}")
+
+
+def _tiny_llama(seed=0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("llama", vocab_size=64, num_hidden_layers=4, hidden_size=16, intermediate_size=32,
+                                  num_attention_heads=2, num_key_value_heads=1)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+
+
+def _token_batch(seed, b=4, t=10):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (b, t), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "source": torch.arange(b) % 2}
+
+
+def test_lisa_state_is_not_a_convention_keep_all_state_is_the_released_policy():
+    """LISA's optimizer state is not part of ``acl``: a block re-activated after a freeze restarts its Adam moments
+    (ours frees them: LISA's memory saving), where the released code's one AdamW over all parameters resumes them.
+    ``lisa.keep_all_state: true`` is the released policy: u then equals, bit for bit at every step, one AdamW built
+    once over all of u's parameters (frozen blocks get no gradient), written out here on the same blocks; it steps
+    on ∇L2 with eps/α, which is the released code's Adam on α·∇L2 (the test above). By default u is the same until
+    the first re-activation and departs there. Catches keep_all_state not reproducing the released code, and the
+    default keeping a frozen block's moments."""
+    from scalebio.lisa import U_STREAM, W_STREAM, Lisa, draw_blocks, find_blocks
+    from scalebio.mixture import mixture_loss, source_counts
+
+    steps = 8
+    draws = [draw_blocks(4, 1, 0, U_STREAM, s)[0] for s in range(steps)]
+    reactivated = next(j for j in range(2, steps) if draws[j] in draws[:j - 1] and draws[j - 1] != draws[j])
+    for keep in (False, True):
+        u, w, ref = _tiny_llama(), _tiny_llama(), _tiny_llama()
+        cfg = SolverConfig(alpha=3.0, lr_u=1e-2, lr_w=1e-2, lr_lambda=1e-2, schedule="constant", conventions="acl")
+        solver = ScaleBiO(u, w, CausalLMObjective(), 2, cfg, Lisa(u, 1, 1, 0, U_STREAM, keep_all_state=keep),
+                          Lisa(w, 1, 1, 0, W_STREAM, keep_all_state=keep))
+        alpha = cfg.alpha * cfg.tau
+        released = torch.optim.AdamW(ref.parameters(), lr=cfg.lr_u, betas=cfg.betas, eps=cfg.eps / alpha,
+                                     weight_decay=cfg.weight_decay_u)
+        _, ref_blocks = find_blocks(ref)
+        for step in range(steps):
+            train, val = [_token_batch(step), _token_batch(100 + step)], [_token_batch(200 + step)]
+            p = solver.weights()
+            assert solver.schedule_step(step, steps) == alpha
+            solver.update_lisa(step)
+            assert solver.lisa_u.active == [draws[step]]
+            # The released code: the active block (and everything outside the blocks) trainable, one AdamW.
+            for i, block in enumerate(ref_blocks):
+                block.requires_grad_(i == draws[step])
+            counts = sum(source_counts(mb["source"], 2) for mb in train)
+            for mb in train:
+                mixture_loss(CausalLMObjective().per_example_loss(ref, mb), mb["source"], p, counts).backward()
+            released.step()
+            released.zero_grad(set_to_none=True)
+            solver.step(train, val)
+            same = all(torch.equal(a, b) for a, b in zip(u.parameters(), ref.parameters()))
+            assert same == (keep or step < reactivated), (keep, step, reactivated)
 
 
 # -- the v1 loss ----------------------------------------------------------------------------------------------
@@ -141,11 +248,12 @@ def test_v1_validation_is_mean_of_micro_batch_means():
 def test_w_pass_order():
     """acl / v1 run w's pass over B before V (dropout makes the order matter); scalebio pairs them in one pass."""
     solver = _solver("acl")
-    passes = solver._w_passes(["v0", "v1"], ["b0"])
+    solver.objective = CausalLMObjective()  # one that could fuse: the released order still keeps B before V
+    passes = solver.conventions.w_passes(["v0", "v1"], ["b0"], solver._can_fuse_w())
     assert passes == [(None, "b0"), ("v0", None), ("v1", None)]
     ours = _solver("scalebio")
     ours.objective = CausalLMObjective()
-    assert ours._w_passes(["v0", "v1"], ["b0"]) == [("v0", "b0"), ("v1", None)]
+    assert ours.conventions.w_passes(["v0", "v1"], ["b0"], ours._can_fuse_w()) == [("v0", "b0"), ("v1", None)]
 
 
 # -- sampling -------------------------------------------------------------------------------------------------
@@ -213,7 +321,8 @@ def test_lisa_trains_embeddings_and_draws_independently_for_u_and_w(tmp_path):
     before = wte_u.detach().clone()
     draws_u, draws_w = [], []
     for step in range(3):
-        solver.begin_step(step, job.steps_per_outer)
+        solver.schedule_step(step, job.steps_per_outer)
+        solver.update_lisa(step)
         draws_u.append(list(solver.lisa_u.active))
         draws_w.append(list(solver.lisa_w.active))
         assert wte_u.requires_grad and solver.w.get_input_embeddings().weight.requires_grad

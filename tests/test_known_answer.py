@@ -1,6 +1,6 @@
 """Known answer: on convex problems whose bilevel optimum p* is computed independently (closed-form or Newton
 lower level, exhaustive simplex grid refined by L-BFGS: tests/convex.py), the ScaleBiO solver, through the
-same ScaleBiO.begin_step/step the language-model runs use, ends near p*.
+same ScaleBiO.schedule_step/step the language-model runs use, ends near p*.
 
 Settings follow what was measured on these problems: AdamW needs the model learning rates about 10× the λ
 learning rate; weight decay 0 everywhere (decay changes the lower level and pulls λ to uniform); α constant.
@@ -33,7 +33,7 @@ def solve(problem, alpha, batch=None, steps=STEPS, seed=0):
     train, val = problem.batches()
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        solver.begin_step(step, steps)
+        solver.schedule_step(step, steps)
         if batch is None:
             solver.step([train], [val])
         else:

@@ -45,6 +45,10 @@ def test_reweight_configs_validate(name):
         assert (s.warmup_ratio, s.clip_grad_norm, s.weight_decay_u, s.weight_decay_w) == (0.03, 1.0, 5e-4, 5e-4)
         assert s.steps is None and cfg.model.gradient_checkpointing == (name == "llama3_70b")
         assert s.conventions == "acl"  # the header claims the authors' later (ACL) code's setting
+        # ... except LISA's optimizer state, which no convention sets: the file must say so where it sets it.
+        lisa_line = next(line for line in path.read_text().splitlines() if line.startswith("lisa:"))
+        assert "keep_all_state: false" in lisa_line and not cfg.lisa.keep_all_state
+        assert "not the authors' policy" in path.read_text()
 
 
 @pytest.mark.parametrize("name", ["llama3_8b", "llama3_70b"])

@@ -33,11 +33,12 @@ from scalebio.data import DataError, read_records
 from scalebio.finetune import FinetuneConfig, finetune
 from scalebio.models import build_model
 from scalebio.resample import draw_counts_and_order, pool_from_run, resample
-from scalebio.results import (STALE_AFTER_S, RunDir, RunDirError, RunInterrupted, RunLock, RunLockedError,
-                              SignalWatch, replace_dir)
-from scalebio.reweight import Reweighting, ResumeError, run_reweight
+from scalebio.results import (STALE_AFTER_S, ResumeError, RunDir, RunDirError, RunInterrupted, RunLock,
+                              RunLockedError, SignalWatch, replace_dir)
+from scalebio.reweight import Reweighting, run_reweight
 from scalebio.solver import NonFiniteLossError
-from scalebio.weights import (WeightsFileError, file_sha256, load_probabilities, load_weights, weights_record,
+from scalebio.files import file_sha256
+from scalebio.weights import (WeightsFileError, load_probabilities, load_weights, weights_record,
                               write_weights)
 
 

@@ -148,7 +148,7 @@ def test_prune_and_arm_finished(tmp_path):
     assert removed == [root / "old_variant" / "x.json"] and not (root / "old_variant").exists()
     assert (root / "main/reweight_seed0/weights.json").is_file()
 
-    from scalebio.weights import file_sha256
+    from scalebio.files import file_sha256
 
     work, weights = tmp_path / "arm", tmp_path / "weights.json"
     work.mkdir()

@@ -184,7 +184,7 @@ def test_config_digest_ignores_where_the_run_and_config_are_named(tmp_path, monk
     """The same computation named from another working directory (relative vs absolute config path, another
     run_dir) has the same digest, so a resume is not refused; a changed setting has another."""
     from scalebio.config import load_config
-    from scalebio.reweight import config_digest
+    from scalebio.config import config_digest
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)

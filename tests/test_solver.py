@@ -19,8 +19,9 @@ import torch
 
 from conftest import LinearModel, SquaredLossObjective
 from scalebio.config import SolverConfig
-from scalebio.solver import ScaleBiO, lr_shape
-from scalebio.weights import lambda_gradient, mixture_loss, source_counts
+from scalebio.conventions import lr_shape
+from scalebio.solver import ScaleBiO
+from scalebio.mixture import lambda_gradient, mixture_loss, source_counts
 
 K, D = 3, 4
 
@@ -129,17 +130,25 @@ def test_cosine_schedule_with_warmup():
 
 
 class WrongSign(ScaleBiO):
-    def lambda_objective(self, mean_w, mean_u, val_loss):
+    def lambda_objective(self, mean_w, mean_u):
         return self.alpha * (torch.softmax(self.lam, 0) * (mean_w + mean_u).detach()).sum()
 
 
 class ValidationOnly(ScaleBiO):
-    def lambda_objective(self, mean_w, mean_u, val_loss):
+    """λ's objective is α L1(w; V) (the validation batch kept by ``step`` for it)."""
+
+    def step(self, train, val):
+        self.val_batches = val
+        return super().step(train, val)
+
+    def lambda_objective(self, mean_w, mean_u):
+        losses = [self.objective.validation_loss(self.w, mb) for mb in self.val_batches]
+        val_loss = sum(total for total, _ in losses) / sum(count for _, count in losses)
         return self.alpha * val_loss.detach() * torch.softmax(self.lam, 0).sum()
 
 
 class NoJacobian(ScaleBiO):
-    def lambda_objective(self, mean_w, mean_u, val_loss):
+    def lambda_objective(self, mean_w, mean_u):
         return self.alpha * (self.lam * (mean_w - mean_u).detach()).sum()
 
 

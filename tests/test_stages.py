@@ -200,7 +200,7 @@ def test_fingerprints_compare_within_the_cross_cpu_tolerance():
 def test_the_fingerprint_catches_a_change_in_what_the_code_computes(tmp_path, monkeypatch):
     """A campaign refuses code whose numbers moved: the toy-size fingerprint of the protocol's code path is the same
     when run twice, and differs when the learning-rate schedule changes by 1%."""
-    import scalebio.solver as solver
+    import scalebio.conventions as conventions
 
     protocol = llama3_module("protocol")
     pool = tmp_path / "pool"
@@ -211,6 +211,6 @@ def test_the_fingerprint_catches_a_change_in_what_the_code_computes(tmp_path, mo
     build_pool.build(shared, pool, per_source=24, control=8, stand_ins=False)
     first = protocol.fingerprint(pool)
     assert protocol.fingerprint_differs(first, protocol.fingerprint(pool)) == ""
-    shape = solver.lr_shape
-    monkeypatch.setattr(solver, "lr_shape", lambda *a, **k: 1.01 * shape(*a, **k))
+    shape = conventions.lr_shape
+    monkeypatch.setattr(conventions, "lr_shape", lambda *a, **k: 1.01 * shape(*a, **k))
     assert protocol.fingerprint_differs(first, protocol.fingerprint(pool))

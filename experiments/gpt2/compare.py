@@ -186,7 +186,7 @@ def run_arm(plan: dict, variant: dict, seed: int, method: str, run_dir: Path, da
     method with ``output: weights`` draws N by its weights (``pipeline.draw``, as the learned arm draws by
     ScaleBiO's), one with ``output: ranking`` takes its selection file; then the pipeline's retraining
     (``pipeline.retrain``: its finetune config and evaluation)."""
-    from scalebio.weights import file_sha256
+    from scalebio.files import file_sha256
 
     work.mkdir(parents=True, exist_ok=True)
     for name in ("eval.json", "eval_samples.jsonl"):

@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 from scalebio.data import detect_format, prompt_key, read_records
-from scalebio.weights import file_sha256
+from scalebio.files import file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -357,7 +357,7 @@ class Protocol:
                 return False
             if weights is None:
                 return True
-            from scalebio.weights import file_sha256
+            from scalebio.files import file_sha256
 
             drawn = json.loads((out / "resample.json").read_text()).get("weights_sha256")
             return weights.is_file() and drawn == file_sha256(weights)

@@ -7,6 +7,8 @@ Unknown keys and wrong types are errors that name the file and the dotted field.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .conventions import resolve as resolve_conventions
 
 
 class ConfigError(ValueError):
@@ -151,10 +155,12 @@ class SolverConfig:
     """Whose conventions (README, "Fidelity to the released code"). ``scalebio``: warmup of ceil(r·N) steps with
     factor (t+1)/warmup, α·τ^i and a cosine restarted per outer iteration, per-example loss = mean over response
     tokens, n_i over the global batch. ``acl`` (research4pan/scalebio): warmup int(r·N) with factor t/warmup (lr 0
-    at step 0), α·τ^(i+1) and lr·τ^(−i) on one cosine over all steps, u's Adam on α-scaled gradients (eps/α),
-    w's pass over B before V, sampling with replacement. ``v1`` (2003pro/ScaleBiO): as ``acl``, plus the preview
-    loss (per-example loss over the padded length, n_i per micro-batch, every micro-batch term scaled by 1/G,
-    L1 the mean of the micro-batch means) and pooled sampling."""
+    at step 0), α·τ^(i+1) and lr·τ^(−i) on one cosine over all steps, u's Adam on α-scaled gradients (eps/α, its
+    moments rescaled when α changes), w's pass over B before V, sampling with replacement. ``v1``
+    (2003pro/ScaleBiO): as ``acl``, plus the preview loss (per-example loss over the padded length, n_i per
+    micro-batch, every micro-batch term scaled by 1/G, L1 the mean of the micro-batch means) and pooled sampling.
+    One row per field in scalebio.conventions. LISA's optimizer state is not a convention: see
+    ``lisa.keep_all_state``."""
 
 
 @dataclass
@@ -169,7 +175,10 @@ class LisaConfig:
     shared: bool = False
     """Use the same blocks for u and w (default: independent draws, as the released code)."""
     keep_all_state: bool = False
-    """The released code's defect: keep optimizer moments of every block ever active. For benchmarks only."""
+    """The released code's policy: keep the optimizer moments of every block ever active, so a re-activated block
+    resumes them (its defect: the memory LISA saves grows back). No convention sets it: with ``false`` (ours) a run
+    under ``solver.conventions: acl`` or ``v1`` departs from the released code from the first re-activation of a
+    block on; ``true`` matches it, at the released code's memory. For benchmarks and exact comparisons."""
 
 
 @dataclass
@@ -426,8 +435,7 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ConfigError(f"data.prompt: {d.prompt!r} is not one of auto, scalebio, authors")
     if s.gap_precision not in ("fp32", "compute"):
         raise ConfigError(f"solver.gap_precision: {s.gap_precision!r} is not fp32 or compute")
-    if s.conventions not in CONVENTIONS:
-        raise ConfigError(f"solver.conventions: {s.conventions!r} is not one of {', '.join(CONVENTIONS)}")
+    resolve_conventions(s.conventions)  # a ConfigError naming solver.conventions for an unknown name
     if sampling_mode(cfg) == "stratified" and s.global_batch < len(d.sources):
         raise ConfigError(
             f"solver.global_batch: {s.global_batch} < {len(d.sources)} sources; stratified batches need one slot per source"
@@ -446,23 +454,31 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ConfigError("checkpoint_every: must be at least 1")
 
 
-CONVENTIONS = ("scalebio", "acl", "v1")
 SAMPLING = ("auto", "stratified", "pooled", "replacement")
-DEFAULT_SAMPLING = {"scalebio": "stratified", "acl": "replacement", "v1": "pooled"}
 
 
 def sampling_mode(cfg: RunConfig) -> str:
     """``data.sampling`` with ``auto`` resolved by ``solver.conventions``."""
     if cfg.data.sampling != "auto":
         return cfg.data.sampling
-    return DEFAULT_SAMPLING.get(cfg.solver.conventions, "stratified")
+    return resolve_conventions(cfg.solver.conventions).sampling
 
 
 def prompt_style(cfg: RunConfig) -> str:
     """``data.prompt`` with ``auto`` resolved by ``solver.conventions``."""
     if cfg.data.prompt != "auto":
         return cfg.data.prompt
-    return "scalebio" if cfg.solver.conventions == "scalebio" else "authors"
+    return resolve_conventions(cfg.solver.conventions).prompt
+
+
+def config_digest(cfg: RunConfig) -> str:
+    """What identifies a run's computation: the resolved config without ``resume``, ``run_dir`` and the config
+    file's own path (a run folder that is moved, or a config named relative to another working directory, is the
+    same run; the data files themselves are checked by sha256 on resume)."""
+    payload = to_dict(cfg)
+    for key in ("resume", "run_dir", "source_file"):
+        payload.pop(key, None)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def save_config(cfg: Any, path: Path) -> None:

@@ -42,6 +42,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from .config import RunConfig, SourceConfig, prompt_style
+from .files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,30 @@ def load_source(src: SourceConfig, cfg: RunConfig) -> Records:
     if src.limit is not None:
         records = records.head(src.limit)
     return records
+
+
+def data_sources(cfg: RunConfig) -> list[tuple[str, SourceConfig]]:
+    """(key, SourceConfig) of every input a run reads: the sources by name, ``validation``,
+    ``decontaminate_against[j]``."""
+    out = [(s.name, s) for s in cfg.data.sources]
+    if cfg.data.validation is not None:
+        out.append(("validation", cfg.data.validation))
+    out += [(f"decontaminate_against[{j}]", s) for j, s in enumerate(cfg.data.decontaminate_against)]
+    return out
+
+
+def data_files(cfg: RunConfig) -> dict[str, dict]:
+    """key → {"path", "sha256"} of each local input file (sha256 None when the file is missing: the data
+    loader then reports it), or {"hub_dataset", "split"}: what a checkpoint and the weights file record, and a
+    resume checks."""
+    files = {}
+    for key, src in data_sources(cfg):
+        if src.path:
+            path = cfg.resolve_path(src.path)
+            files[key] = {"path": str(src.path), "sha256": file_sha256(path) if path.is_file() else None}
+        else:
+            files[key] = {"hub_dataset": src.hub_dataset, "split": src.split}
+    return files
 
 
 def _source_label(src: SourceConfig) -> str:

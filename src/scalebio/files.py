@@ -1,4 +1,4 @@
-"""The one way this package writes a whole file: atomically.
+"""Whole files: the one way this package writes one (atomically), and the digest it identifies one by.
 
 Readers see the old content or the new one, never a partial file: the text goes to a temporary file beside the
 target (a unique name, so two writers never share it), is flushed and fsynced, then renamed over the target.
@@ -7,6 +7,7 @@ target (a unique name, so two writers never share it), is flushed and fsynced, t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -31,3 +32,12 @@ def write_text(path: str | Path, text: str, before_replace: Callable[[], None] |
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -38,9 +38,10 @@ from .lisa import Lisa
 from .models import build_model, load_tokenizer, special_token_ids
 from .results import (ResumeError, RunDir, RunInterrupted, SignalWatch, git_revision, hardware, kill_point,
                       own_run_dir, package_versions, write_json)
-from .weights import file_sha256
+from .files import file_sha256
 from .distributed import all_reduce, all_reduce_grads, init_distributed, rank_and_world, rank_slice
-from .solver import CausalLMObjective, NonFiniteLossError, lr_shape
+from .conventions import lr_shape
+from .solver import CausalLMObjective, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,17 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best_name, best
 
 
+SHARED_STREAM = 0
+"""The stream u and w both draw from under ``lisa.shared``: the two models train the same blocks."""
+U_STREAM, W_STREAM = 1, 2
+"""u's and w's own streams: independent draws, as the released code."""
+
+
+def solver_streams(shared: bool) -> tuple[int, int]:
+    """(u's stream, w's stream) for the solver's two models."""
+    return (SHARED_STREAM, SHARED_STREAM) if shared else (U_STREAM, W_STREAM)
+
+
 def draw_blocks(n_blocks: int, gamma: int, seed: int, stream: int, switch: int) -> list[int]:
     """γ distinct block indices for switch number ``switch``, uniform without replacement, sorted."""
     rng = np.random.default_rng([seed, stream, switch])

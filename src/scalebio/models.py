@@ -1,16 +1,23 @@
 """Model and tokenizer loading: hub id, local directory, a GGUF file inside an installed package, or a
-from-config spec with seeded random init. The hub code paths are the ones users with a network run."""
+from-config spec with seeded random init. The hub code paths are the ones users with a network run. A tokenizer
+trained on a run's own text (``train_bpe``) is kept in the run directory and reused while its data are unchanged
+(``run_tokenizer``)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
+from itertools import chain
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
-from .config import ConfigError, ModelConfig, RunConfig, TokenizerConfig
+from . import data as data_mod
+from .config import ConfigError, ModelConfig, RunConfig, TokenizerConfig, to_dict
+from .results import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +95,65 @@ def load_tokenizer(cfg: RunConfig, training_texts: Iterable[str] | None = None):
     if t.chat_template == "plain":
         tok.chat_template = None
     return tok
+
+
+TOKENIZER_STAMP = "scalebio_tokenizer.json"
+"""Written inside a run's tokenizer folder: the digest of the data (and tokenizer settings) it was trained on."""
+
+
+def tokenizer_digest(cfg: RunConfig, files: dict[str, dict]) -> str:
+    """What a trained tokenizer depends on: its settings and the text it was trained on (the training sources
+    and the validation set: their contents, limit and format). ``files``: ``scalebio.data.data_files(cfg)``."""
+    keys = [s.name for s in cfg.data.sources] + ["validation"]
+    srcs = [*cfg.data.sources, cfg.data.validation]
+    payload = {"tokenizer": to_dict(cfg.tokenizer),
+               "data": [{**{k: v for k, v in files.get(key, {}).items() if k != "path"},
+                         "limit": src.limit, "format": src.format} for key, src in zip(keys, srcs)]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def run_tokenizer(cfg: RunConfig, folder: Path, files: dict[str, dict], save: bool = True):
+    """The tokenizer of a run. ``train_bpe`` reuses ``folder`` (run_dir/tokenizer) only when it was trained on these
+    data (its stamp, ``TOKENIZER_STAMP``) and loads; else it trains one on the run's training and validation text
+    and, with ``save`` (rank 0), saves it there atomically beside the stamp. Other kinds load as configured."""
+    if cfg.tokenizer.kind != "train_bpe":
+        return load_tokenizer(cfg)
+    digest = tokenizer_digest(cfg, files)
+    if folder.is_dir():  # a resumed run reuses the tokenizer it trained
+        tok = _saved_tokenizer(folder, digest)
+        if tok is not None:
+            return tok
+    texts = []
+    for src in chain(cfg.data.sources, [cfg.data.validation]):
+        texts.append(data_mod.source_texts(*data_mod.load_with_format(src, cfg)))
+    tok = load_tokenizer(cfg, chain(*texts))
+    if save:
+        def fill(tmp: Path) -> None:
+            tok.save_pretrained(str(tmp))
+            (tmp / TOKENIZER_STAMP).write_text(json.dumps({"data_digest": digest}) + "\n")
+
+        replace_dir(folder, fill, "tokenizer")
+    return tok
+
+
+def _saved_tokenizer(folder: Path, digest: str):
+    """The tokenizer saved in ``folder`` when its stamp says it was trained on data with ``digest``, else None."""
+    stamp = folder / TOKENIZER_STAMP
+    try:
+        ok = json.loads(stamp.read_text()).get("data_digest") == digest
+    except (OSError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        log.warning("%s: %s; training a new tokenizer", folder, "trained on other data" if stamp.is_file()
+                    else "incomplete (no stamp of its data)")
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 (a damaged folder raises many types)
+        log.warning("%s: cannot be loaded (%s); training a new tokenizer", folder, e)
+        return None
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:

@@ -73,7 +73,7 @@ def committed_revision(repo: str | Path, rev: str = "HEAD") -> str | None:
 def reweight_finished(run_dir: str | Path, cfg) -> bool:
     """True when ``run_dir`` holds the final weights of a reweighting run of exactly ``cfg`` (a RunConfig): work
     this checkout finished, which a pipeline need not redo. A run of another config is not finished."""
-    from .reweight import config_digest
+    from .config import config_digest
 
     weights = Path(run_dir) / "weights.json"
     if not weights.is_file():
@@ -89,7 +89,7 @@ def arm_finished(work: str | Path, weights: str | Path | None, run_weights: str 
     is not finished. ``run_weights``: the weights.json of the reweighting run the arm otherwise depends on (its
     pool and tokenizer; for the uniform arm); an arm evaluated before that file was last written is not finished.
     """
-    from .weights import file_sha256
+    from .files import file_sha256
 
     work = Path(work)
     manifest_file, eval_file = work / "train.jsonl.manifest.json", work / "eval.json"

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .results import write_text
-from .weights import file_sha256, load_weights
+from .files import file_sha256
+from .weights import load_weights
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,12 @@ tests is another, and both run this very code.
     w ← w − η_w [ ∇w L1(w; V) + α ∇w L2(λ, w; B) ]              (method.md §3, line 2)
     λ ← λ − η_λ · α [ ∇λ L2(λ, w; B) − ∇λ L2(λ, u; B) ]         (method.md §3, line 3)
 
-All gradients are taken at the same (u, w, λ) before any of the three optimizers steps.
+All three gradients are taken at the same (u, w, λ). u steps as soon as its gradient is taken, before w's passes:
+nothing after it reads u (λ's step uses the losses ℓ^u recorded at the old u), so the updates are still
+simultaneous, and u's gradients are freed before w's passes need the memory. w and λ step last.
+
+What differs between ``solver.conventions`` (the schedule, the per-source reductions, the order of w's passes,
+what u's Adam steps on) is one object chosen once (scalebio.conventions); ``step`` reads its fields.
 
 Precision (scalebio.precision): u and w train as fp32 master weights whatever dtype they were loaded in; under
 bf16 the gradient passes run in autocast and, by default (``solver.gap_precision: fp32``), the per-source losses
@@ -17,8 +22,6 @@ that move λ are recomputed by fp32 forwards without gradients, at the same (u, 
 
 from __future__ import annotations
 
-import math
-from itertools import zip_longest
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -30,8 +33,9 @@ from torch.utils.checkpoint import checkpoint
 from . import precision, sharding
 from .distributed import all_reduce, all_reduce_grads, world_size
 from .config import SolverConfig
+from .conventions import resolve as resolve_conventions
 from .lisa import Lisa
-from .weights import mixture_loss, source_counts, source_sums
+from .mixture import BatchTotals, source_counts
 
 
 class NonFiniteLossError(RuntimeError):
@@ -161,37 +165,15 @@ def stack_batches(first: Batch, second: Batch) -> Batch:
     return out
 
 
-def lr_shape(step: int, total: int, warmup_ratio: float, schedule: str, conventions: str = "scalebio") -> float:
-    """Learning-rate multiplier at ``step`` (0-based) of ``total``: linear warmup, then cosine to 0 or constant.
-
-    ``scalebio``: ceil(r·N) warmup steps with factor (t+1)/warmup, so step 0 already trains. ``acl`` / ``v1``
-    (the released code's scheduler): int(r·N) warmup steps with factor t/warmup, so the lr is 0 at step 0.
-    """
-    if conventions == "scalebio":
-        warmup = math.ceil(warmup_ratio * total)
-        if step < warmup:
-            return (step + 1) / warmup
-    else:
-        warmup = int(warmup_ratio * total)
-        if step < warmup:
-            return step / max(1, warmup)
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def outer_schedule(step: int, steps_per_outer: int, outer_iterations: int, cfg: SolverConfig) -> tuple[float, float]:
-    """(lr multiplier, α) at global step ``step``, outer iteration i = step // steps_per_outer.
-
-    ``scalebio``: α·τ^i, and the lr shape restarts each outer iteration. ``acl`` / ``v1``: α·τ^(i+1), and
-    τ^(−i) times one lr shape over all steps of all outer iterations.
-    """
-    outer, t = divmod(step, steps_per_outer)
-    if cfg.conventions == "scalebio":
-        return lr_shape(t, steps_per_outer, cfg.warmup_ratio, cfg.schedule), cfg.alpha * cfg.tau ** outer
-    shape = lr_shape(step, steps_per_outer * outer_iterations, cfg.warmup_ratio, cfg.schedule, cfg.conventions)
-    return shape * cfg.tau ** (-outer), cfg.alpha * cfg.tau ** (outer + 1)
+def w_pass_losses(objective: Objective, model: nn.Module, val: Batch | None,
+                  train: Batch | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The losses of one of w's forward passes, over a V micro-batch, a B micro-batch, or both (then one forward over
+    the two stacked, ``joint_losses``): (V's loss sum, or None; B's per-example losses [b], or None)."""
+    if val is not None and train is not None:
+        return objective.joint_losses(model, val, train)
+    val_sum = objective.validation_loss(model, val)[0] if val is not None else None
+    per_example = objective.per_example_loss(model, train) if train is not None else None
+    return val_sum, per_example
 
 
 @dataclass
@@ -208,13 +190,15 @@ class ScaleBiO:
     """Holds u, w, λ and their AdamW optimizers; ``step`` performs one update of method.md §3.
 
     ``lisa_u``/``lisa_w`` (optional) restrict training to the active blocks and keep optimizer state only
-    for them. Learning rates and α are set per step by the caller (``set_schedule``).
+    for them; the caller redraws them (``update_lisa``) and sets learning rates and α (``schedule_step``) before
+    each step.
     """
 
     def __init__(self, u: nn.Module, w: nn.Module, objective: Objective, num_sources: int, cfg: SolverConfig,
                  lisa_u: Lisa | None = None, lisa_w: Lisa | None = None,
                  compute_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.u, self.w, self.objective, self.k, self.cfg = u, w, objective, num_sources, cfg
+        self.conventions = resolve_conventions(cfg.conventions)
         self.compute_dtype, self.device = compute_dtype, torch.device(device)
         self.lisa_u, self.lisa_w = lisa_u, lisa_w
         # fp32 master weights (scalebio.precision, rule 1): upcast before the optimizers see the parameters.
@@ -232,27 +216,26 @@ class ScaleBiO:
         u.train()
         w.train()
 
-    # -- schedule ------------------------------------------------------------------------------------------
+    # -- schedule and LISA -----------------------------------------------------------------------------------
     def set_schedule(self, shape: float, alpha: float) -> None:
-        """Scale every optimizer's peak learning rate by the same shape (method.md §3) and set α."""
+        """Scale every optimizer's peak learning rate by the same shape (method.md §3) and set α (and u's Adam
+        for it, under the released code's conventions)."""
         for opt, peak in ((self.opt_u, self.cfg.lr_u), (self.opt_w, self.cfg.lr_w), (self.opt_lam, self.cfg.lr_lambda)):
             for group in opt.param_groups:
                 group["lr"] = peak * shape
+        self.conventions.u_adam.set_alpha(self.opt_u, self.cfg.eps, self.alpha, alpha)
         self.alpha = alpha
-        if self.cfg.conventions != "scalebio":
-            # The released code steps u on the gradient of α·L2: Adam is scale-free but for eps, so this is
-            # plain Adam on ∇L2 with eps/α.
-            for group in self.opt_u.param_groups:
-                group["eps"] = self.cfg.eps / alpha
 
-    def begin_step(self, step: int, steps_per_outer: int) -> float:
-        """Set learning rates, α (× τ per outer iteration) and LISA blocks for global step ``step``; returns α."""
-        shape, alpha = outer_schedule(step, steps_per_outer, self.cfg.outer_iterations, self.cfg)
+    def schedule_step(self, step: int, steps_per_outer: int) -> float:
+        """Set the learning rates and α of global step ``step`` (warmup, cosine, α × τ per outer iteration, as the
+        conventions say); returns α."""
+        shape, alpha = self.conventions.schedule(step, steps_per_outer, self.cfg)
         self.set_schedule(shape, alpha)
-        self.update_lisa(step)
         return alpha
 
     def update_lisa(self, step: int) -> bool:
+        """Activate u's and w's LISA blocks for ``step`` (a redraw every K steps, method.md §4); returns whether
+        they changed."""
         changed = False
         if self.lisa_u is not None:
             changed |= self.lisa_u.update(step, self.opt_u)
@@ -267,129 +250,106 @@ class ScaleBiO:
     # -- one step ------------------------------------------------------------------------------------------
     def step(self, train: Sequence[Batch], val: Sequence[Batch]) -> StepStats:
         """One ScaleBiO update from a training batch B and a validation batch V, each given as this rank's
-        micro-batches. Every training micro-batch carries ``source`` [b]; n_i is counted over the global
-        batch (all micro-batches, all ranks)."""
-        k, alpha, step = self.k, self.alpha, self.step_index
-        p = self.weights()
-        counts = all_reduce(sum(source_counts(mb["source"].cpu(), k) for mb in train))
-        val_terms = torch.zeros((), dtype=torch.float64)
-        for mb in val:
-            val_terms += float(self.objective.validation_terms(mb))
-        val_terms = all_reduce(val_terms)
-        # v1 conventions: n_i per micro-batch and each micro-batch's term over G; L1 the mean of micro-batch means.
-        v1 = self.cfg.conventions == "v1"
-        micro_train, micro_val = len(train) * world_size(), len(val) * world_size()
-
-        def source_term(ell: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-            """This micro-batch's share of the per-source sums or, under v1, of the per-source means [k]."""
-            sums = source_sums(ell.detach().double(), source, k).cpu()
-            if not v1:
-                return sums
-            here = source_counts(source.cpu(), k)
-            return torch.where(here > 0, sums / here.clamp(min=1), torch.zeros_like(sums)) / micro_train
-
-        def train_term(ell: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """(this micro-batch's share of L2, its share of the per-source sums or means [k])."""
-            if not v1:
-                return mixture_loss(ell, source, p, counts), source_term(ell, source)
-            here = source_counts(source.cpu(), k)
-            return mixture_loss(ell, source, p, here) / micro_train, source_term(ell, source)
-
-        def fp32_source_terms(model: nn.Module) -> torch.Tensor:
-            """The per-source sums (or v1 means) of B under ``model`` from fp32 forwards without gradients: the
-            losses λ's step uses under bf16 (scalebio.precision, rule 3). Called before ``model`` steps."""
-            total = torch.zeros(k, dtype=torch.float64)
-            with torch.no_grad(), precision.exact_fp32():
-                for mb in train:
-                    ell = self.objective.per_example_loss(model, mb)
-                    self._check(ell, "fp32 training loss for λ", step)
-                    total += source_term(ell, mb["source"])
-            return total
-
-        def val_term(total: torch.Tensor, mb: Batch) -> torch.Tensor:
-            """This micro-batch's share of L1: its loss sum over all V terms, or (v1) its mean over G_V."""
-            if not v1:
-                return total / float(val_terms)
-            return total / max(1, self.objective.validation_terms(mb)) / micro_val
-
-        self.opt_u.zero_grad(set_to_none=True)
-        self.opt_w.zero_grad(set_to_none=True)
-        self.opt_lam.zero_grad(set_to_none=True)
+        micro-batches. Every training micro-batch carries ``source`` [b]. How n_i is counted and each micro-batch's
+        term scaled is the conventions' ``normalisation`` (scalebio.mixture)."""
+        alpha, step = self.alpha, self.step_index
+        norm = self.conventions.normalisation
+        totals = self._batch_totals(train, val)
+        c = self.cfg.clip_grad_norm or None  # the clipping constant; None: no clipping
+        for opt in (self.opt_u, self.opt_w, self.opt_lam):
+            opt.zero_grad(set_to_none=True)
 
         # u on B: ∇u L2(λ, u; B)                                              (method.md §3, line 1)
-        sums_u = torch.zeros(k, dtype=torch.float64)
+        sums_u = torch.zeros(self.k, dtype=torch.float64)
         for mb in train:
             with self._autocast():
                 ell = self.objective.per_example_loss(self.u, mb)
             self._check(ell, "training loss under u", step)
-            share, sums = train_term(ell, mb["source"])
-            share.backward()
-            sums_u += sums
+            norm.training_share(ell, mb["source"], totals).backward()
+            sums_u += norm.source_term(ell, mb["source"], totals)
         if self._gap_in_fp32():
-            sums_u = fp32_source_terms(self.u)
-        # u's step can be taken now: nothing below reads u (λ uses ℓ^u recorded above, at the old u), so
-        # the updates stay simultaneous, and u's gradients are freed before w's passes need memory.
-        self._finish(self.u, self.opt_u, clip=self.cfg.clip_grad_norm)
+            sums_u = self._fp32_source_terms(self.u, train, totals)
+        # u steps now (module docstring): u's gradient of L2 clipped at c.
+        self._finish(self.u, self.opt_u, clip=c)
 
         # w on V and B: ∇w [L1(w; V) + α L2(λ, w; B)]                          (method.md §3, line 2)
         val_sum = torch.zeros((), dtype=torch.float64)
-        sums_w = torch.zeros(k, dtype=torch.float64)
-        for val_mb, train_mb in self._w_passes(val, train):
+        sums_w = torch.zeros(self.k, dtype=torch.float64)
+        for val_mb, train_mb in self.conventions.w_passes(val, train, self._can_fuse_w()):
             with self._autocast():
-                if val_mb is not None and train_mb is not None:   # one forward/backward over V and B together
-                    total, ell = self.objective.joint_losses(self.w, val_mb, train_mb)
-                elif val_mb is not None:
-                    total, _ = self.objective.validation_loss(self.w, val_mb)
-                    ell = None
-                else:
-                    total, ell = None, self.objective.per_example_loss(self.w, train_mb)
+                val_loss_sum, ell = w_pass_losses(self.objective, self.w, val_mb, train_mb)
             loss = 0.0
-            if total is not None:
-                self._check(total, "validation loss under w", step)
-                share = val_term(total, val_mb)
+            if val_mb is not None:
+                self._check(val_loss_sum, "validation loss under w", step)
+                share = norm.validation_share(val_loss_sum, self.objective.validation_terms(val_mb), totals)
                 loss = share
-                val_sum += (share.detach().double().cpu() * val_terms) if v1 else total.detach().double().cpu()
-            if ell is not None:
+                val_sum += norm.validation_record(share, val_loss_sum, totals)
+            if train_mb is not None:
                 self._check(ell, "training loss under w", step)
-                share, sums = train_term(ell, train_mb["source"])
-                loss = loss + alpha * share
-                sums_w += sums
+                loss = loss + alpha * norm.training_share(ell, train_mb["source"], totals)
+                sums_w += norm.source_term(ell, train_mb["source"], totals)
             loss.backward()
         if self._gap_in_fp32():
-            sums_w = fp32_source_terms(self.w)
+            sums_w = self._fp32_source_terms(self.w, train, totals)
 
         sums_u, sums_w, val_sum = all_reduce(sums_u), all_reduce(sums_w), all_reduce(val_sum)
-        present = counts > 0
-        if v1:  # already per-source means (averaged over micro-batches)
-            mean_u, mean_w = sums_u, sums_w
-        else:
-            mean_u = torch.where(present, sums_u / counts.clamp(min=1), torch.zeros_like(sums_u))
-            mean_w = torch.where(present, sums_w / counts.clamp(min=1), torch.zeros_like(sums_w))
+        mean_u, mean_w = norm.source_means(sums_u, totals), norm.source_means(sums_w, totals)
 
         # λ: α [∇λ L2(λ, w; B) − ∇λ L2(λ, u; B)]                              (method.md §3, line 3)
-        self.lambda_objective(mean_w, mean_u, val_sum / val_terms.clamp(min=1)).backward()
+        self.lambda_objective(mean_w, mean_u).backward()
 
-        # Simultaneous updates: every gradient of this step was taken at the same (u, w, λ).
-        # w's loss is L1 + α L2: clip at α·c, i.e. at c on ∇(L1/α + L2), as the released code (method.md §3).
-        self._finish(self.w, self.opt_w, clip=self.cfg.clip_grad_norm and alpha * self.cfg.clip_grad_norm)
+        # w and λ step on gradients taken at the same (u, w, λ) as u's. w's loss is L1 + α L2: its gradient is
+        # clipped at α·c, i.e. at c on ∇(L1/α + L2), as the released code (method.md §3).
+        self._finish(self.w, self.opt_w, clip=alpha * c if c else None)
         self.opt_lam.step()
         self.step_index += 1
 
+        val_loss = val_sum / totals.val_terms.clamp(min=1)
+        p = totals.p
         return StepStats(
-            val_loss=float(val_sum / val_terms.clamp(min=1)),
+            val_loss=float(val_loss),
             train_loss_u=float((p * mean_u).sum()),
             train_loss_w=float((p * mean_w).sum()),
             source_loss_u=mean_u.tolist(),
             source_loss_w=mean_w.tolist(),
-            source_counts=[int(c) for c in counts.tolist()],
+            source_counts=[int(n) for n in totals.counts.tolist()],
         )
+
+    def lambda_objective(self, mean_w: torch.Tensor, mean_u: torch.Tensor) -> torch.Tensor:
+        """The scalar whose λ-gradient is α [∇λ L2(λ, w) − ∇λ L2(λ, u)] = α J (ℓ^w − ℓ^u), J = diag(p) − p pᵀ.
+
+        mean_w, mean_u [k]: per-source mean losses on B (0 for a source absent from B, so it has no term).
+        Only these means enter (the upper level reaches λ only through w); autograd through softmax supplies J.
+        """
+        return self.alpha * (torch.softmax(self.lam, dim=0) * (mean_w - mean_u).detach()).sum()
+
+    def _batch_totals(self, train: Sequence[Batch], val: Sequence[Batch]) -> BatchTotals:
+        """p, and B's per-source counts, V's term count and the micro-batch counts over all ranks."""
+        counts = all_reduce(sum(source_counts(mb["source"].cpu(), self.k) for mb in train))
+        val_terms = torch.zeros((), dtype=torch.float64)
+        for mb in val:
+            val_terms += float(self.objective.validation_terms(mb))
+        return BatchTotals(p=self.weights(), counts=counts, val_terms=all_reduce(val_terms),
+                           train_micro_batches=len(train) * world_size(), val_micro_batches=len(val) * world_size())
+
+    def _fp32_source_terms(self, model: nn.Module, train: Sequence[Batch], totals: BatchTotals) -> torch.Tensor:
+        """The source terms of B under ``model`` from fp32 forwards without gradients: the losses λ's step uses
+        under bf16 (scalebio.precision, rule 3). Called before ``model`` steps."""
+        norm = self.conventions.normalisation
+        total = torch.zeros(self.k, dtype=torch.float64)
+        with torch.no_grad(), precision.exact_fp32():
+            for mb in train:
+                ell = self.objective.per_example_loss(model, mb)
+                self._check(ell, "fp32 training loss for λ", self.step_index)
+                total += norm.source_term(ell, mb["source"], totals)
+        return total
 
     def _finish(self, model: nn.Module, optimizer: torch.optim.Optimizer, clip: float | None) -> None:
         """Sum gradients over ranks, clip their norm at ``clip`` (None = off), step, and free the gradients."""
         params = [q for q in model.parameters() if q.requires_grad]
         if not sharding.is_sharded(model):  # FSDP has reduce-scattered (summed) them already
             all_reduce_grads(params)
-        if clip:
+        if clip is not None:
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -402,29 +362,37 @@ class ScaleBiO:
         ``solver.gap_precision: fp32`` (the default)."""
         return self.compute_dtype in precision.LOW_PRECISION and self.cfg.gap_precision == "fp32"
 
-    def _w_passes(self, val: Sequence[Batch], train: Sequence[Batch]):
-        """(V micro-batch or None, B micro-batch or None) pairs for w's forward/backward passes: paired up for one
-        pass each when ``solver.fused_w`` and the objective can (``joint_losses``), else V's then B's."""
-        if self.cfg.conventions != "scalebio":  # the released code: L2 on B, then L1 on V (matters with dropout)
-            return [(None, mb) for mb in train] + [(mb, None) for mb in val]
-        if self.cfg.fused_w and hasattr(self.objective, "joint_losses"):
-            return list(zip_longest(val, train))
-        return [(mb, None) for mb in val] + [(None, mb) for mb in train]
-
-    def lambda_objective(self, mean_w: torch.Tensor, mean_u: torch.Tensor, val_loss: torch.Tensor) -> torch.Tensor:
-        """The scalar whose λ-gradient is α [∇λ L2(λ, w) − ∇λ L2(λ, u)] = α J (ℓ^w − ℓ^u), J = diag(p) − p pᵀ.
-
-        mean_w, mean_u [k]: per-source mean losses on B (0 for a source absent from B, so it has no term).
-        Only these means enter; autograd through softmax supplies J. ``val_loss`` is unused by the method
-        (the upper level reaches λ only through w); it is passed so tests can build broken variants.
-        """
-        return self.alpha * (torch.softmax(self.lam, dim=0) * (mean_w - mean_u).detach()).sum()
+    def _can_fuse_w(self) -> bool:
+        """Whether w's V and B micro-batches may share a forward/backward pass (where the conventions pair them):
+        ``solver.fused_w`` and an objective that can (``joint_losses``)."""
+        return self.cfg.fused_w and hasattr(self.objective, "joint_losses")
 
     @staticmethod
     def _check(t: torch.Tensor, which: str, step: int) -> None:
         if not torch.isfinite(t).all():
             bad = t[~torch.isfinite(t)].flatten()[0].item() if t.dim() else t.item()
             raise NonFiniteLossError(step, which, bad)
+
+    # -- nothing non-finite is written -----------------------------------------------------------------------
+    def check_weights(self, step: int) -> None:
+        """λ and p = softmax(λ) must be finite (the run checks after every step, before its log lines)."""
+        lam = self.lam.detach()
+        for which, t in (("λ (source weight logits)", lam), ("p = softmax(λ)", torch.softmax(lam, dim=0))):
+            if not torch.isfinite(t).all():
+                raise NonFiniteLossError(step, which, t[~torch.isfinite(t)][0].item())
+
+    def check_parameters(self, step: int) -> None:
+        """Cheap finiteness check of u and w: one float64 sum per parameter tensor (a NaN or inf anywhere makes
+        the sum non-finite), summed over ranks when sharded. Every rank calls it."""
+        for name, model in (("u", self.u), ("w", self.w)):
+            total = torch.zeros((), dtype=torch.float64)
+            for q in model.parameters():
+                local = q.to_local() if hasattr(q, "to_local") else q  # an FSDP shard
+                total += local.detach().sum(dtype=torch.float64).cpu()
+            if sharding.is_sharded(model):
+                total = all_reduce(total)
+            if not torch.isfinite(total):
+                raise NonFiniteLossError(step, f"parameters of {name} (their sum)", total.item())
 
     # -- checkpointing -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 
 from .. import data as data_mod
 from ..results import git_revision, package_versions, write_text
-from ..solver import CausalLMObjective, lr_shape
-from ..weights import file_sha256, weights_record
+from ..conventions import lr_shape
+from ..files import file_sha256
+from ..solver import CausalLMObjective
+from ..weights import weights_record
 
 log = logging.getLogger(__name__)
 
