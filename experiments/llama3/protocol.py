@@ -411,18 +411,21 @@ class Protocol:
         return self._pools
 
     def measured(self) -> dict[str, float]:
-        """Seconds per unit kind (per step for reweighting) from the unit.json of the units finished so far."""
+        """Seconds per unit kind (per step for reweighting) from the unit.json of the units finished so far. A unit
+        whose processes were stopped for a while (SIGSTOP, to time a benchmark on idle cores) records that time as
+        ``paused_s``, which is not the unit's cost."""
         found: dict[str, list[float]] = {}
         for f in sorted(self.results.glob(f"*/{UNIT_FILE}")):
             rec = json.loads(f.read_text())
             if rec.get("state") == "partial" or not rec.get("wall_time_s"):
                 continue
+            wall = rec["wall_time_s"] - rec.get("paused_s", 0.0)
             if f.parent.name.startswith("reweight_seed"):
-                found.setdefault("reweight_step", []).append(rec["wall_time_s"] / rec["steps"])
+                found.setdefault("reweight_step", []).append(wall / rec["steps"])
             elif f.parent.name == "base":
-                found.setdefault("base", []).append(rec["wall_time_s"])
+                found.setdefault("base", []).append(wall)
             elif "arm" in rec:
-                found.setdefault("arm", []).append(rec["wall_time_s"])
+                found.setdefault("arm", []).append(wall)
         return {k: sum(v) / len(v) for k, v in found.items()}
 
     def units(self) -> list[Unit]:
