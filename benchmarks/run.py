@@ -5,7 +5,7 @@
     python -m benchmarks.run --out results/bench --only memory               # one experiment
     python -m benchmarks.run --out results/bench --only precision profile --device cuda   # gpu_*.json (gpu_check.sh)
     python -m benchmarks.run --out results/bench --only gap_noise   # λ's gradient per precision (~25 min CPU)
-    python -m benchmarks.run --out results/bench --only u_eps       # u's eps vs eps/α (~20 min CPU; opt-in)
+    python -m benchmarks.run --out results/bench --only u_eps       # u's eps vs eps/α (~13 min CPU; opt-in)
 
 Every JSON holds machine info, the torch version, the settings, every timed repetition and the medians.
 """
@@ -57,7 +57,8 @@ FULL = {
                       step1_overrides=["model.gradient_checkpointing=true", "solver.micro_batch=8"], micro_batch=12),
     # u's Adam eps (issue 18, item 3): the protocol preset's first 5 steps (its 60-step schedule: 2 warmup steps) at
     # 12 examples per step (2 per source), everything else as the preset, seeds 0 and 1, each run twice (u's eps =
-    # eps, = eps/α) on the same batches. ~20 min of one CPU thread. The pool: --data-root (benchmarks.u_eps).
+    # eps, = eps/α) on the same batches. ~13 min of one CPU thread, ~6 GB peak. The pool: --data-root
+    # (benchmarks.u_eps).
     "u_eps": dict(config="experiments/llama3/protocol_smollm2.yaml",
                   overrides=["solver.global_batch=12", "solver.micro_batch=12"], seeds=[0, 1], steps=5, threads=1,
                   control="control-dot-responses"),

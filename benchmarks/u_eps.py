@@ -17,7 +17,7 @@ Decision rule (fixed before the measurement): gap_B is the reference and gap_A �
 r_t > 0.10 at some step in every seed (both, in ``FULL``), the recommended default for ``conventions: scalebio``
 becomes u's eps = eps/α (Adam on α∇L2); otherwise keep plain eps.
 
-    python -m benchmarks.u_eps --data-root PATH_TO_PROTOCOL_POOL --out results/bench   # ~20 min of one thread
+    python -m benchmarks.u_eps --data-root PATH_TO_PROTOCOL_POOL --out results/bench   # ~13 min of one thread
     python -m benchmarks.u_eps --table                                                 # README table of the JSON
     python -m benchmarks.run --only u_eps --smoke --out /tmp/bench --figures ''         # toy size, seconds
 """
@@ -155,10 +155,11 @@ def decide(per_seed: dict[str, list[dict]]) -> dict:
 
 
 def run(config: str | None, overrides: list[str], seeds: list[int], steps: int, threads: int, control: str,
-        smoke: bool = False, data_root: str | None = None) -> dict:
+        smoke: bool = False, data_root: str | None = None, keep: str | None = None) -> dict:
     """Both variants for every seed; ``control``: the name of the control source. ``data_root``: the preset's pool,
     when not where the config says (recorded only by the data files' sha256). ``smoke``: a tiny random Llama on
-    generated data (gap_noise's smoke config)."""
+    generated data (gap_noise's smoke config). ``keep``: a folder where each finished (seed, variant) run is saved
+    and from which a rerun with the same settings takes it (on a machine short of memory a run may be killed)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     if not smoke:  # on a machine shared with long runs, this process is the one the OOM killer should pick
@@ -166,7 +167,9 @@ def run(config: str | None, overrides: list[str], seeds: list[int], steps: int, 
             Path("/proc/self/oom_score_adj").write_text("1000")
         except OSError:
             pass
-    seeds_out, per_seed = {}, {}
+    seeds_out, per_seed, kept = {}, {}, []
+    if keep and not smoke:
+        Path(keep).mkdir(parents=True, exist_ok=True)
     try:
         with tempfile.TemporaryDirectory(prefix="scalebio-u-eps-") as tmp:
             if smoke:
@@ -178,11 +181,23 @@ def run(config: str | None, overrides: list[str], seeds: list[int], steps: int, 
             for seed in seeds:
                 runs = {}
                 for variant in VARIANTS:
+                    key = {"config": str(config), "overrides": overrides, "seed": seed, "steps": steps,
+                           "threads": threads, "variant": variant}
+                    saved = Path(keep) / f"seed{seed}_{variant}.json" if keep and not smoke else None
+                    if saved is not None and saved.is_file() and json.loads(saved.read_text())["key"] == key:
+                        log.info("u_eps: seed %d, %s: kept from %s", seed, variant, saved)
+                        runs[variant] = json.loads(saved.read_text())["run"]
+                        kept.append(f"seed {seed} {variant}")
+                        continue
                     cfg = load_config(path, [*overrides, *extra, f"seed={seed}", f"threads={threads}",
                                              "precision=fp32", "resume=false",
                                              f"run_dir={Path(tmp) / f'seed{seed}_{variant}'}"])
                     log.info("u_eps: seed %d, %s", seed, variant)
                     runs[variant] = run_variant(cfg, variant, steps)
+                    if saved is not None:
+                        from scalebio.results import write_json
+
+                        write_json(saved, {"key": key, "run": runs[variant]})
                 names = runs["eps"]["sources"]
                 if control not in names:
                     raise ValueError(f"control source {control!r} is not one of {names}")
@@ -202,6 +217,7 @@ def run(config: str | None, overrides: list[str], seeds: list[int], steps: int, 
         "gap": "ℓ_i(w) − ℓ_i(u) on the step's batch, the per-source means λ's step used (StepStats, fp32)",
         "p": "softmax(λ) after the step",
         "seeds": seeds_out,
+        "kept_from_an_earlier_process": kept,
         "verdict": decide(per_seed),
     }
 
@@ -232,6 +248,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", default="results/bench")
     parser.add_argument("--data-root", help="the preset's pool (build_pool.py --control 600 --no-stand-ins), when "
                                             "not at the config's data.root")
+    parser.add_argument("--keep", help="save each finished (seed, variant) run here, and take it from here on a rerun")
     parser.add_argument("--table", action="store_true", help="print the README table of OUT/u_eps.json and stop")
     args = parser.parse_args(argv)
     path = Path(args.out) / "u_eps.json"
@@ -241,7 +258,7 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = FULL["u_eps"]
     start = time.perf_counter()
-    results = run(**settings, data_root=args.data_root)
+    results = run(**settings, data_root=args.data_root, keep=args.keep)
     record = {"schema": SCHEMA, "benchmark": "u_eps", "mode": "full", "machine": machine_info(),
               "torch": torch.__version__, "threads": settings["threads"], "device": "cpu", "settings": settings,
               "results": results, "wall_seconds": time.perf_counter() - start}
