@@ -5,6 +5,7 @@
     python -m benchmarks.run --out results/bench --only memory               # one experiment
     python -m benchmarks.run --out results/bench --only precision profile --device cuda   # gpu_*.json (gpu_check.sh)
     python -m benchmarks.run --out results/bench --only gap_noise   # λ's gradient per precision (~25 min CPU)
+    python -m benchmarks.run --out results/bench --only u_eps       # u's eps vs eps/α (~13 min CPU; opt-in)
 
 Every JSON holds machine info, the torch version, the settings, every timed repetition and the medians.
 """
@@ -21,12 +22,13 @@ import torch
 
 from scalebio.results import write_json
 
-from . import gap_noise, hypergradient, memory, padding, precision, sources, step_cost, step_profile
+from . import gap_noise, hypergradient, memory, padding, precision, sources, step_cost, step_profile, u_eps
 from .common import BLOCKS, ModelSpec, machine_info
 
 log = logging.getLogger("benchmarks")
 SCHEMA = "scalebio.bench/1"
 EXPERIMENTS = ("step_cost", "memory", "sources", "hypergradient", "precision", "profile", "padding", "gap_noise")
+OPT_IN = ("u_eps",)  # run only when named in --only (`make bench` runs EXPERIMENTS)
 ON_CUDA = ("precision", "profile")
 
 FULL = {
@@ -53,6 +55,13 @@ FULL = {
                       checkpoints={"step 10": "runs/gap_noise/seed0_step_0000010.pt",
                                    "step 30": "runs/gap_noise/seed0_step_0000030.pt"},
                       step1_overrides=["model.gradient_checkpointing=true", "solver.micro_batch=8"], micro_batch=12),
+    # u's Adam eps (issue 18, item 3): the protocol preset's first 5 steps (its 60-step schedule: 2 warmup steps) at
+    # 12 examples per step (2 per source), everything else as the preset, seeds 0 and 1, each run twice (u's eps =
+    # eps, = eps/α) on the same batches. ~13 min of one CPU thread, ~6 GB peak. The pool: --data-root
+    # (benchmarks.u_eps).
+    "u_eps": dict(config="experiments/llama3/protocol_smollm2.yaml",
+                  overrides=["solver.global_batch=12", "solver.micro_batch=12"], seeds=[0, 1], steps=5, threads=1,
+                  control="control-dot-responses"),
 }
 # On a CUDA device (gpu_check.sh): full shapes, more repetitions, a large square matmul for the peak too.
 CUDA = {
@@ -74,6 +83,7 @@ SMOKE = {
     "profile": dict(model="tiny_llama", batch=2, seq_len=16, k=2, gamma=2, threads=1, warmup_shape=[1, 4]),
     "padding": dict(model="tiny_llama", batch=2, seq_len=16, gamma=2, threads=1, warmup=1, reps=2),
     "gap_noise": dict(config=None, overrides=[], batches=5, threads=1, checkpoints={}, smoke=True),
+    "u_eps": dict(config=None, overrides=[], seeds=[0], steps=3, threads=1, control="s2", smoke=True),
 }
 
 
@@ -99,6 +109,8 @@ def run_experiment(name: str, s: dict, device: str = "cpu") -> dict:
         return padding.run(**s, device=device)
     if name == "gap_noise":
         return gap_noise.run(**s)
+    if name == "u_eps":
+        return u_eps.run(**s)
     raise ValueError(name)
 
 
@@ -112,7 +124,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--out", default="results/bench", help="folder for the JSON results")
     parser.add_argument("--figures", default="figures", help="folder for bench_*.png ('' to skip figures)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes: checks the pipeline, numbers meaningless")
-    parser.add_argument("--only", nargs="*", choices=EXPERIMENTS, default=list(EXPERIMENTS))
+    parser.add_argument("--only", nargs="*", choices=EXPERIMENTS + OPT_IN, default=list(EXPERIMENTS))
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the precision and profile experiments "
                         "(writes gpu_<name>.json)")
     parser.add_argument("--threads", type=int, default=1,

@@ -181,8 +181,17 @@ def lines(folder: Path) -> list[str]:
     return out
 
 
+def u_eps_lines(folder: Path) -> list[str]:
+    """benchmarks/u_eps.py's table (u's Adam eps vs eps/α), when results/bench/u_eps.json exists."""
+    if not (folder / "u_eps.json").is_file():
+        return []
+    from .u_eps import table_lines
+
+    return table_lines(folder)
+
+
 BLOCKS = {"bench-table": lambda folder: lines(folder) + ([""] + precision_lines(folder) if precision_lines(folder) else []),
-          "bench-profile": profile_lines}
+          "bench-profile": profile_lines, "bench-u-eps": u_eps_lines}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default="results/bench")
     parser.add_argument("--update", nargs="*", default=[], metavar="MARKDOWN",
                         help="replace the blocks between <!-- bench-table:start --> and <!-- bench-table:end --> "
-                             "(and bench-profile, where a file has one) in these files")
+                             "(and bench-profile, bench-u-eps, where a file has them) in these files")
     args = parser.parse_args(argv)
     tables = {name: "\n".join(make(Path(args.results))) + "\n" for name, make in BLOCKS.items()}
     if not args.update:
