@@ -93,7 +93,8 @@ def run_variant(cfg, variant: str, steps: int) -> dict:
     torch.manual_seed(cfg.seed)  # as Reweighting._start does for a fresh run
     rows = []
     for step in tqdm(range(steps), desc=f"u_eps seed {cfg.seed} {variant}", leave=False):
-        alpha = solver.begin_step(step, rw.steps_per_outer)
+        alpha = solver.schedule_step(step, rw.steps_per_outer)
+        solver.update_lisa(step)
         train, val = rw._draw()
         stats = solver.step(train, val)
         rows.append({
@@ -112,7 +113,7 @@ def run_variant(cfg, variant: str, steps: int) -> dict:
             "batches_sha256": batches_digest([*train, *val]),
         })
     out = {"sources": list(rw.names), "steps": rows, "seconds": time.perf_counter() - start,
-           "data_files": {key: entry.get("sha256") for key, entry in rw.data_files.items()}}
+           "data_files": {key: entry.get("sha256") for key, entry in rw.recorder.files.items()}}
     del rw, solver
     gc.collect()
     return out

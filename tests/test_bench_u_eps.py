@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from scalebio.config import SolverConfig
 from scalebio.lisa import Lisa
 from scalebio.solver import CausalLMObjective, ScaleBiO
-from scalebio.weights import mixture_loss, source_counts
+from scalebio.mixture import mixture_loss, source_counts
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,7 +62,8 @@ def test_hook_sets_u_eps_over_alpha_and_leaves_w_and_lambda():
     converted = u_eps.use_u_eps_over_alpha(make_solver(ScaleBiO, cfg, dtype=torch.float32))
     for step in range(4):
         for solver in (hooked, plain, converted):
-            alpha = solver.begin_step(step, 2)
+            alpha = solver.schedule_step(step, 2)
+            solver.update_lisa(step)
             assert alpha == 100.0 * 2 ** (step // 2)
         train, val = batches(step)
         hooked.step(train, val)
@@ -83,8 +84,10 @@ def reference_u(cfg, steps):
                             weight_decay=cfg.weight_decay_u)
     objective = CausalLMObjective()
     for step in range(steps):
-        alpha = hooked.begin_step(step, steps)
-        plain.begin_step(step, steps)
+        alpha = hooked.schedule_step(step, steps)
+        hooked.update_lisa(step)
+        plain.schedule_step(step, steps)
+        plain.update_lisa(step)
         for group in opt.param_groups:
             group["lr"] = hooked.opt_u.param_groups[0]["lr"]
         train, val = batches(step)
