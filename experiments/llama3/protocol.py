@@ -215,10 +215,13 @@ class Protocol:
 
     def _relativize(self, out: Path) -> None:
         """Committed files name no machine paths: paths under this checkout, under the checkout that ran a unit
-        (a pinned worktree: its config.yaml's source_file) and under the runs folder become relative to them."""
+        (a pinned worktree: its config.yaml's source_file), under the checkout that holds the pool and under the
+        runs folder become relative to them."""
         import yaml
 
         roots = [REPO, self.runs]
+        if self.pool.parent.parts[-2:] == ("data", "llama3"):  # a pool in another checkout: data/llama3/<name>
+            roots.append(self.pool.parents[2])
         config = out / "config.yaml"
         if config.is_file() and (source := (yaml.safe_load(config.read_text()) or {}).get("source_file")):
             roots.append(Path(source).parents[2])  # <checkout>/experiments/llama3/<preset>.yaml
