@@ -167,7 +167,7 @@ def record(choice: str, dtype: torch.dtype, device: torch.device, gap_precision:
         "compute_dtype": "bf16" if bf16 else "fp32",
         "device": device.type,
         "cpu_bf16_flags": list(cpu_bf16_flags()),
-        **({"cpu_auto_from": f"{CPU_AUTO_ENV}={cpu_auto_override()}"} if cpu_auto_override() else {}),
+        **({"cpu_auto_from": f"{CPU_AUTO_ENV}={forced}"} if (forced := cpu_auto_override()) else {}),
         "cuda_bf16": cuda_bf16(),
         "master_weights": "fp32 (parameters and AdamW moments; bf16/fp16-loaded models upcast)",
         "method": "torch.autocast bf16 forward/backward" if bf16 else "fp32 (TF32 and reduced-precision matmuls off)",
