@@ -2,13 +2,14 @@
 
 u's Adam sees ∇L2 while w's sees ∇L1 + α∇L2 (method.md §3, α = 100 in the Table 1 protocol). Adam is scale-free but
 for eps: Adam(α·g, eps) ≡ Adam(g, eps/α). So with one eps, u's steps are damped where its gradients are tiny and
-w's are not. The released code steps u on α-scaled gradients (``conventions: acl`` / ``v1``, where
-``ScaleBiO.set_schedule`` gives u eps/α); ``conventions: scalebio`` gives u plain eps. Per seed, on the Table 1
+w's are not. The released code steps u on α-scaled gradients (``conventions: acl`` / ``v1``); ``conventions: scalebio``
+gave u plain eps until this measurement made ``solver.u_adam: alpha_scaled`` its default. Per seed, on the Table 1
 protocol preset (``FULL`` in benchmarks/run.py: its batches cut to 12 examples, 2 per source), two runs of the same
 steps with identical batches and LISA draws:
-  eps             today's default: u's Adam eps = eps
-  eps_over_alpha  u's eps = eps/α after every ``set_schedule`` (``UEpsOverAlpha``, what the acl branch does), i.e.
-                  Adam on α∇L2 with plain eps, the way w's Adam treats L2 (tests/test_bench_u_eps.py checks this)
+  eps             ``solver.u_adam: plain``: u's Adam eps = eps (the scalebio default when this was measured)
+  eps_over_alpha  ``solver.u_adam: alpha_scaled``: u's eps = eps/α at every step (with τ = 1, as in the preset,
+                  nothing else changes), i.e. Adam on α∇L2 with plain eps, the way w's Adam treats L2
+                  (tests/test_bench_u_eps.py checks this)
 Per step: the gap ℓ_i(w) − ℓ_i(u) that λ's step used (the solver's ``StepStats``: the per-source mean losses of
 the step's gradient passes, in fp32) and p = softmax λ after the step. Compared per step:
 r_t = ‖gap_A − gap_B‖₂ ÷ ‖gap_B‖₂ (A = eps, B = eps_over_alpha, the reference), the control's gap, max_i |p_A − p_B|.
@@ -37,7 +38,6 @@ import torch
 from tqdm.auto import tqdm
 
 from scalebio.config import load_config
-from scalebio.solver import ScaleBiO
 
 log = logging.getLogger("benchmarks")
 REPO = Path(__file__).resolve().parents[1]
@@ -49,23 +49,8 @@ RULE = ("gap_B (u's eps = eps/α, as w's Adam treats L2) is the reference and ga
         "`conventions: scalebio` becomes u's eps = eps/α (Adam on α∇L2); otherwise keep plain eps")
 
 
-class UEpsOverAlpha(ScaleBiO):
-    """ScaleBiO whose u-optimizer uses eps/α: after every ``set_schedule`` (which sets α) u's param groups get
-    ``cfg.eps / alpha``, exactly what the ``acl`` / ``v1`` branch of ``ScaleBiO.set_schedule`` does. Since
-    Adam(α·g, eps) ≡ Adam(g, eps/α) (and u's clip at c on ∇L2 is the released clip at α·c on α∇L2), u's update is
-    Adam on α∇L2 with plain eps. w's and λ's eps stay ``cfg.eps``."""
-
-    def set_schedule(self, shape: float, alpha: float) -> None:
-        super().set_schedule(shape, alpha)
-        for group in self.opt_u.param_groups:
-            group["eps"] = self.cfg.eps / alpha
-
-
-def use_u_eps_over_alpha(solver: ScaleBiO) -> ScaleBiO:
-    """Turn a built solver (e.g. ``Reweighting(cfg).solver``) into a ``UEpsOverAlpha`` in place (its state is
-    kept; the eps applies from the next ``set_schedule``)."""
-    solver.__class__ = UEpsOverAlpha
-    return solver
+U_ADAM = {"eps": "plain", "eps_over_alpha": "alpha_scaled"}
+"""Each variant's ``solver.u_adam`` (scalebio.conventions): with τ = 1, as here, alpha_scaled is exactly eps/α."""
 
 
 def batches_digest(batches: list[dict]) -> str:
@@ -84,12 +69,10 @@ def run_variant(cfg, variant: str, steps: int) -> dict:
     from scalebio.reweight import Reweighting
 
     start = time.perf_counter()
+    if cfg.solver.u_adam != U_ADAM[variant]:
+        raise ValueError(f"{variant}: solver.u_adam is {cfg.solver.u_adam!r}, not {U_ADAM[variant]!r}")
     rw = Reweighting(cfg)
     solver = rw.solver
-    if variant == "eps_over_alpha":
-        use_u_eps_over_alpha(solver)
-    elif variant != "eps":
-        raise ValueError(variant)
     torch.manual_seed(cfg.seed)  # as Reweighting._start does for a fresh run
     rows = []
     for step in tqdm(range(steps), desc=f"u_eps seed {cfg.seed} {variant}", leave=False):
@@ -191,7 +174,7 @@ def run(config: str | None, overrides: list[str], seeds: list[int], steps: int, 
                         kept.append(f"seed {seed} {variant}")
                         continue
                     cfg = load_config(path, [*overrides, *extra, f"seed={seed}", f"threads={threads}",
-                                             "precision=fp32", "resume=false",
+                                             "precision=fp32", "resume=false", f"solver.u_adam={U_ADAM[variant]}",
                                              f"run_dir={Path(tmp) / f'seed{seed}_{variant}'}"])
                     log.info("u_eps: seed %d, %s", seed, variant)
                     runs[variant] = run_variant(cfg, variant, steps)

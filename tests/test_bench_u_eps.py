@@ -1,16 +1,19 @@
-"""The u-eps benchmark's hook (benchmarks/u_eps.py, issue 18 item 3), on a tiny random Llama (seconds).
+"""``solver.u_adam``, which the u-eps benchmark (benchmarks/u_eps.py, issue 18 item 3) compares, on a tiny random
+Llama (seconds).
 
-Its decision rule takes the hooked run (u's Adam eps = eps/α) as the reference because that u treats L2 exactly as
-w's Adam does: Adam on α∇L2 with plain eps. Checked here:
-  - the hook sets u's eps to eps/α at every step (α changing with τ, LISA switching blocks), w's and λ's stay eps;
-  - with the hook, u's update equals AdamW(eps) stepped on α·∇L2 (clipped at α·c, the released code's clip) to
-    1e-5 relative in fp64 (fp32 rounding inside the model is what is left), and without it does not: the
-    unhooked u is off by more than 1e-2 (the check can tell the two apart);
+The benchmark's decision rule takes ``u_adam: alpha_scaled`` (u's Adam eps = eps/α) as the reference because that u
+treats L2 exactly as w's Adam does: Adam on α∇L2 with plain eps. Checked here:
+  - alpha_scaled (and ``auto``, its default under ``scalebio``) sets u's eps to eps/α at every step (α changing
+    with τ, LISA switching blocks), w's and λ's stay eps; plain leaves u's at eps;
+  - alpha_scaled's u update equals AdamW(eps) stepped on α·∇L2 (clipped at α·c, the released code's clip) to
+    1e-5 relative in fp64 (fp32 rounding inside the model is what is left), and plain's does not: it is off by
+    more than 1e-2 (the check can tell the two apart);
   - the rule's arithmetic on made-up comparisons;
   - (slow) the benchmark's smoke run writes the agreed schema.
 """
 
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -40,12 +43,12 @@ def tiny_llama(dtype=torch.float64):
     return LlamaForCausalLM(LlamaConfig(vocab_size=V, **TINY)).to(dtype).train()
 
 
-def make_solver(cls, cfg, lisa=False, dtype=torch.float64):
+def make_solver(cfg, u_adam, lisa=False, dtype=torch.float64):
     u = tiny_llama(dtype)
     w = copy.deepcopy(u)
     lisa_u = Lisa(u, gamma=1, interval=1, seed=0, stream=0) if lisa else None
     lisa_w = Lisa(w, gamma=1, interval=1, seed=0, stream=1) if lisa else None
-    return cls(u, w, CausalLMObjective(), K, cfg, lisa_u=lisa_u, lisa_w=lisa_w)
+    return ScaleBiO(u, w, CausalLMObjective(), K, dataclasses.replace(cfg, u_adam=u_adam), lisa_u=lisa_u, lisa_w=lisa_w)
 
 
 def batches(step):
@@ -53,23 +56,24 @@ def batches(step):
     return split_micro(token_batch(V, 6, 16, K, seed=10 + step), 3), [token_batch(V, 2, 16, K, seed=100 + step)]
 
 
-def test_hook_sets_u_eps_over_alpha_and_leaves_w_and_lambda():
-    """α doubles in outer iteration 1 (τ = 2) and LISA redraws every step: u's eps follows eps/α of the step, w's and
-    λ's stay eps; without the hook (today's default) u's stays eps too. The hook also works on a built solver."""
+def test_alpha_scaled_sets_u_eps_over_alpha_and_leaves_w_and_lambda():
+    """α doubles in outer iteration 1 (τ = 2) and LISA redraws every step: under alpha_scaled (and auto, the scalebio
+    default) u's eps follows eps/α of the step, w's and λ's stay eps; under plain u's stays eps too."""
     cfg = SolverConfig(alpha=100.0, tau=2.0, outer_iterations=2, eps=1e-8)
-    hooked = make_solver(u_eps.UEpsOverAlpha, cfg, lisa=True, dtype=torch.float32)
-    plain = make_solver(ScaleBiO, cfg, lisa=True, dtype=torch.float32)
-    converted = u_eps.use_u_eps_over_alpha(make_solver(ScaleBiO, cfg, dtype=torch.float32))
+    assert cfg.conventions == "scalebio" and cfg.u_adam == "auto"
+    scaled = make_solver(cfg, "alpha_scaled", lisa=True, dtype=torch.float32)
+    plain = make_solver(cfg, "plain", lisa=True, dtype=torch.float32)
+    converted = make_solver(cfg, "auto", dtype=torch.float32)
     for step in range(4):
-        for solver in (hooked, plain, converted):
+        for solver in (scaled, plain, converted):
             alpha = solver.schedule_step(step, 2)
             solver.update_lisa(step)
             assert alpha == 100.0 * 2 ** (step // 2)
         train, val = batches(step)
-        hooked.step(train, val)
-        for solver in (hooked, converted):
+        scaled.step(train, val)
+        for solver in (scaled, converted):
             assert [g["eps"] for g in solver.opt_u.param_groups] == [cfg.eps / alpha]
-        for solver in (hooked, plain, converted):
+        for solver in (scaled, plain, converted):
             assert [g["eps"] for g in solver.opt_w.param_groups] == [cfg.eps]
             assert [g["eps"] for g in solver.opt_lam.param_groups] == [cfg.eps]
         assert [g["eps"] for g in plain.opt_u.param_groups] == [cfg.eps]
@@ -77,21 +81,21 @@ def test_hook_sets_u_eps_over_alpha_and_leaves_w_and_lambda():
 
 def reference_u(cfg, steps):
     """u after ``steps`` steps of AdamW with plain eps on the released code's u loss α·L2(λ, u; B) (its gradient
-    clipped at α·c), λ taken from a hooked solver run alongside; also that solver's u, and an unhooked solver's u."""
-    hooked, plain = make_solver(u_eps.UEpsOverAlpha, cfg), make_solver(ScaleBiO, cfg)
-    u_ref = copy.deepcopy(hooked.u)
+    clipped at α·c), λ taken from an alpha_scaled solver run alongside; also that solver's u, and a plain one's u."""
+    scaled, plain = make_solver(cfg, "alpha_scaled"), make_solver(cfg, "plain")
+    u_ref = copy.deepcopy(scaled.u)
     opt = torch.optim.AdamW(u_ref.parameters(), lr=cfg.lr_u, betas=tuple(cfg.betas), eps=cfg.eps,
                             weight_decay=cfg.weight_decay_u)
     objective = CausalLMObjective()
     for step in range(steps):
-        alpha = hooked.schedule_step(step, steps)
-        hooked.update_lisa(step)
+        alpha = scaled.schedule_step(step, steps)
+        scaled.update_lisa(step)
         plain.schedule_step(step, steps)
         plain.update_lisa(step)
         for group in opt.param_groups:
-            group["lr"] = hooked.opt_u.param_groups[0]["lr"]
+            group["lr"] = scaled.opt_u.param_groups[0]["lr"]
         train, val = batches(step)
-        p = hooked.weights()
+        p = scaled.weights()
         counts = sum(source_counts(mb["source"], K) for mb in train)
         opt.zero_grad()
         for mb in train:
@@ -99,9 +103,9 @@ def reference_u(cfg, steps):
         if cfg.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(u_ref.parameters()), alpha * cfg.clip_grad_norm)
         opt.step()
-        hooked.step(train, val)
+        scaled.step(train, val)
         plain.step(train, val)
-    return u_ref, hooked.u, plain.u
+    return u_ref, scaled.u, plain.u
 
 
 def flat(model):
@@ -109,9 +113,9 @@ def flat(model):
 
 
 @pytest.mark.parametrize("clip", [None, 0.05])
-def test_hooked_u_update_is_adam_on_alpha_scaled_gradient(clip):
+def test_alpha_scaled_u_update_is_adam_on_alpha_scaled_gradient(clip):
     """fp64, 3 steps (warmup, then cosine), eps large enough to matter (1e-3 against gradients of ~1e-3..1e-1):
-    the hooked solver's u matches the reference to 1e-5 of the distance u travelled, the unhooked one misses it by
+    the alpha_scaled solver's u matches the reference to 1e-5 of the distance u travelled, the plain one misses it by
     more than 1% of that distance. Not closer, even in fp64: Llama's RMSNorm computes in fp32 whatever the model's
     dtype, so the gradients of α·L2 and of L2 differ by ~1e-7 relative (measured: u then differs by 6.5e-7 of the
     distance without clipping), and torch's clip_grad_norm_ divides by ‖g‖ + 1e-6, so clipping ∇L2 at c and α∇L2
@@ -119,10 +123,10 @@ def test_hooked_u_update_is_adam_on_alpha_scaled_gradient(clip):
     cfg = SolverConfig(alpha=100.0, lr_u=1e-2, lr_w=1e-2, lr_lambda=1e-1, eps=1e-3, warmup_ratio=0.3,
                        clip_grad_norm=clip)
     u0 = flat(tiny_llama())
-    u_ref, u_hooked, u_plain = (flat(m) for m in reference_u(cfg, steps=3))
+    u_ref, u_scaled, u_plain = (flat(m) for m in reference_u(cfg, steps=3))
     travelled = float((u_ref - u0).norm())
     assert travelled > 0
-    assert float((u_hooked - u_ref).norm()) <= 1e-5 * travelled
+    assert float((u_scaled - u_ref).norm()) <= 1e-5 * travelled
     assert float((u_plain - u_ref).norm()) > 1e-2 * travelled
 
 

@@ -21,6 +21,7 @@ def test_overrides_and_types(tmp_path):
     (["data.sources.1.name=noise_0.00"], r"data.sources\[1\].name: duplicate source name 'noise_0.00'"),
     (["model.architecture=null"], r"model: set exactly one of"),
     (["data.validation=null"], r"data.validation: required"),
+    (["solver.u_adam=alpha"], r"solver.u_adam: 'alpha' is not one of auto, plain, alpha_scaled"),
 ])
 def test_bad_config_names_the_field(tmp_path, override, message):
     path = tiny_run_config(tmp_path)

@@ -55,13 +55,15 @@ def test_outer_loop_conventions():
 
 
 def test_schedule_step_applies_tau_and_eps():
-    """The solver really uses the schedule: α doubles in outer iteration 1 (τ = 2); under acl u's Adam eps is
-    eps/α (the released code steps u on α-scaled gradients). Catches τ ignored in the loop and the eps rule lost."""
-    for conventions, alpha1 in (("scalebio", 20.0), ("acl", 40.0)):
-        cfg = SolverConfig(alpha=10.0, tau=2.0, outer_iterations=2, conventions=conventions)
+    """The solver really uses the schedule: α doubles in outer iteration 1 (τ = 2); u's Adam eps is eps/α (u steps
+    on α-scaled gradients) by default in every convention, and eps under ``u_adam: plain``. Catches τ ignored in
+    the loop, the eps rule lost, and the u_adam field ignored."""
+    for conventions, u_adam, alpha1 in (("scalebio", "auto", 20.0), ("acl", "auto", 40.0), ("v1", "auto", 40.0),
+                                        ("scalebio", "plain", 20.0), ("acl", "plain", 40.0)):
+        cfg = SolverConfig(alpha=10.0, tau=2.0, outer_iterations=2, conventions=conventions, u_adam=u_adam)
         solver = ScaleBiO(LinearModel(D), LinearModel(D), SquaredLossObjective(), K, cfg)
         assert solver.schedule_step(5, 5) == alpha1 and solver.alpha == alpha1
-        expected_eps = cfg.eps if conventions == "scalebio" else cfg.eps / alpha1
+        expected_eps = cfg.eps if u_adam == "plain" else cfg.eps / alpha1
         assert solver.opt_u.param_groups[0]["eps"] == pytest.approx(expected_eps)
         assert solver.opt_w.param_groups[0]["eps"] == cfg.eps
 

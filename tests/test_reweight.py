@@ -193,3 +193,34 @@ def test_config_digest_ignores_where_the_run_and_config_are_named(tmp_path, monk
     assert config_digest(rel) == config_digest(absolute)
     other = load_config("experiments/llama3/protocol_smollm2.yaml", ["solver.lr_lambda=0.1"])
     assert config_digest(other) != config_digest(rel)
+
+
+def test_config_digest_counts_u_adam_as_what_it_resolves_to():
+    """``solver.u_adam`` came after runs were made: where it keeps what the code did before (plain under scalebio,
+    alpha_scaled under acl/v1) the digest is the one those runs recorded (the field left out of the hashed
+    config), so their checkpoints still resume; where it changes the computation the digest changes; ``auto`` and
+    the policy it resolves to are one computation."""
+    import hashlib
+    import json
+
+    from scalebio.config import RunConfig, config_digest, to_dict
+
+    def before_the_field(cfg):  # the digest as computed before solver.u_adam existed
+        payload = to_dict(cfg)
+        for key in ("resume", "run_dir", "source_file"):
+            payload.pop(key, None)
+        payload["solver"].pop("u_adam")
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def cfg(conventions, u_adam):
+        c = RunConfig()
+        c.solver.conventions, c.solver.u_adam = conventions, u_adam
+        return c
+
+    assert config_digest(cfg("scalebio", "plain")) == before_the_field(cfg("scalebio", "plain"))
+    for conventions in ("acl", "v1"):
+        for u_adam in ("auto", "alpha_scaled"):
+            assert config_digest(cfg(conventions, u_adam)) == before_the_field(cfg(conventions, u_adam))
+        assert config_digest(cfg(conventions, "plain")) != config_digest(cfg(conventions, "auto"))
+    assert config_digest(cfg("scalebio", "auto")) == config_digest(cfg("scalebio", "alpha_scaled"))
+    assert config_digest(cfg("scalebio", "auto")) != config_digest(cfg("scalebio", "plain"))

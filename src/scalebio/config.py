@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .conventions import resolve as resolve_conventions
+from .conventions import legacy_u_adam, resolve as resolve_conventions, resolve_u_adam
 
 
 class ConfigError(ValueError):
@@ -151,6 +151,12 @@ class SolverConfig:
     ``compute`` (the bf16 passes' own losses: the behaviour before issue 18, wrong when the gap ℓ_i(w) − ℓ_i(u) is
     below bf16 rounding, as when a pretrained model is fine-tuned at a small lr; kept to reproduce runs made with
     it). No effect under fp32 (scalebio.precision)."""
+    u_adam: str = "auto"
+    """What u's AdamW steps on. ``alpha_scaled``: α·∇L2, as w's Adam treats L2 in ∇L1 + α·∇L2 and as the released
+    code steps u (run as ∇L2 with eps/α, u's moments rescaled when α changes); ``plain``: ∇L2 with ``eps``, which damps
+    u's steps where ∇L2 is tiny and w's not (what ``conventions: scalebio`` did before issue 18's measurement moved
+    the gap by 29-228%: README, "Precision"; the presets of committed scalebio runs pin it). ``auto``: the
+    convention's, alpha_scaled in all three."""
     conventions: str = "scalebio"
     """Whose conventions (README, "Fidelity to the released code"). ``scalebio``: warmup of ceil(r·N) steps with
     factor (t+1)/warmup, α·τ^i and a cosine restarted per outer iteration, per-example loss = mean over response
@@ -436,6 +442,7 @@ def validate_run_config(cfg: RunConfig) -> None:
     if s.gap_precision not in ("fp32", "compute"):
         raise ConfigError(f"solver.gap_precision: {s.gap_precision!r} is not fp32 or compute")
     resolve_conventions(s.conventions)  # a ConfigError naming solver.conventions for an unknown name
+    resolve_u_adam(s)  # likewise solver.u_adam
     if sampling_mode(cfg) == "stratified" and s.global_batch < len(d.sources):
         raise ConfigError(
             f"solver.global_batch: {s.global_batch} < {len(d.sources)} sources; stratified batches need one slot per source"
@@ -474,10 +481,18 @@ def prompt_style(cfg: RunConfig) -> str:
 def config_digest(cfg: RunConfig) -> str:
     """What identifies a run's computation: the resolved config without ``resume``, ``run_dir`` and the config
     file's own path (a run folder that is moved, or a config named relative to another working directory, is the
-    same run; the data files themselves are checked by sha256 on resume)."""
+    same run; the data files themselves are checked by sha256 on resume). ``solver.u_adam`` counts as what it
+    resolves to."""
     payload = to_dict(cfg)
     for key in ("resume", "run_dir", "source_file"):
         payload.pop(key, None)
+    # solver.u_adam (added after runs were made) as the policy it resolves to, and left out where that is what the
+    # code did before the field existed: those runs' checkpoints and weights keep their digest
+    policy = resolve_u_adam(cfg.solver).name
+    if policy == legacy_u_adam(cfg.solver.conventions):
+        payload["solver"].pop("u_adam", None)
+    else:
+        payload["solver"]["u_adam"] = policy
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

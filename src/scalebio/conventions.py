@@ -12,9 +12,12 @@ README.md's "Fidelity to the released code" table:
 | sampling (auto)  | sampling        | ``stratified``                    | ``replacement``                | ``pooled``              |
 | prompt (auto)    | prompt          | ``scalebio``                      | ``authors``                    | as acl                  |
 | w's passes       | w_passes        | ``validation_with_training``      | ``training_then_validation``   | as acl                  |
-| u's Adam         | u_adam          | ``PlainAdam``                     | ``AlphaScaledAdam``            | as acl                  |
+| u's Adam         | u_adam          | ``AlphaScaledAdam``               | as scalebio                    | as scalebio             |
 
-``resolve`` is the one place a convention's name is read; everything else reads the fields.
+``resolve`` is the one place a convention's name is read; everything else reads the fields. u's Adam is also a
+field of its own, ``solver.u_adam`` (``resolve_u_adam``): ``auto`` takes the convention's row, ``plain`` is what
+``scalebio`` did before issue 18 measured it (README, "Precision"), and the presets of committed ``scalebio`` runs pin
+it.
 
 Not a convention: LISA's optimizer state. The released code builds one optimizer over all parameters, so a
 re-activated block resumes the Adam moments it had; ours frees a block's moments when it is frozen, in every
@@ -98,7 +101,10 @@ def training_then_validation(val: Sequence, train: Sequence, fuse: bool) -> list
 
 # -- u's Adam -----------------------------------------------------------------------------------------------------
 class PlainAdam:
-    """u's AdamW steps on ∇L2 with the configured eps."""
+    """u's AdamW steps on ∇L2 with the configured eps: where ∇L2 is tiny, eps damps u's steps and not w's, whose
+    Adam sees ∇L1 + α∇L2 (``solver.u_adam: plain``)."""
+
+    name = "plain"
 
     def set_alpha(self, optimizer: torch.optim.Optimizer, eps: float, old: float, new: float) -> None:
         pass
@@ -108,7 +114,9 @@ class AlphaScaledAdam:
     """The released code steps u on the gradient of α·L2 (its loss −α·L2 under ``maximize``). Adam is scale-free
     but for eps and for moments accumulated under another α, so u steps here on ∇L2 with eps/α, and when α changes
     (τ ≠ 1) its moments are brought to the new α's units: exp_avg × α_old/α_new, exp_avg_sq × (α_old/α_new)². Exact
-    in real arithmetic; while α is constant nothing but eps is touched."""
+    in real arithmetic; while α is constant nothing but eps is touched (``solver.u_adam: alpha_scaled``)."""
+
+    name = "alpha_scaled"
 
     def set_alpha(self, optimizer: torch.optim.Optimizer, eps: float, old: float, new: float) -> None:
         for group in optimizer.param_groups:
@@ -142,11 +150,12 @@ class Conventions:
     w_passes: Callable[[Sequence, Sequence, bool], list[Pass]]
     """(V's micro-batches, B's, whether V and B may share a pass) → w's passes, in order."""
     u_adam: PlainAdam | AlphaScaledAdam
-    """What u's AdamW steps on: ∇L2, or (as the released code) α·∇L2."""
+    """What u's AdamW steps on by default (``solver.u_adam: auto``): α·∇L2, as w's Adam treats L2 and as the
+    released code steps u, in every convention."""
 
 
 SCALEBIO = Conventions("scalebio", restarted_schedule, "response", GlobalBatchMeans(), "stratified", "scalebio",
-                       validation_with_training, PlainAdam())
+                       validation_with_training, AlphaScaledAdam())
 ACL = Conventions("acl", released_schedule, "response", GlobalBatchMeans(), "replacement", "authors",
                   training_then_validation, AlphaScaledAdam())
 V1 = Conventions("v1", released_schedule, "padded", MicroBatchMeans(), "pooled", "authors",
@@ -163,3 +172,23 @@ def resolve(name: str) -> Conventions:
 
         raise ConfigError(f"solver.conventions: {name!r} is not one of {', '.join(NAMES)}")
     return BY_NAME[name]
+
+
+U_ADAM = {policy.name: policy for policy in (PlainAdam(), AlphaScaledAdam())}
+
+
+def resolve_u_adam(cfg: "SolverConfig") -> PlainAdam | AlphaScaledAdam:
+    """``solver.u_adam``, with ``auto`` resolved by ``solver.conventions``."""
+    if cfg.u_adam == "auto":
+        return resolve(cfg.conventions).u_adam
+    if cfg.u_adam not in U_ADAM:
+        from .config import ConfigError
+
+        raise ConfigError(f"solver.u_adam: {cfg.u_adam!r} is not one of auto, {', '.join(U_ADAM)}")
+    return U_ADAM[cfg.u_adam]
+
+
+def legacy_u_adam(conventions: str) -> str:
+    """What u's Adam was under ``conventions`` before ``solver.u_adam`` existed (config_digest leaves the field out
+    where it keeps that, so the checkpoints and weights of older runs still resume and count as finished)."""
+    return "plain" if conventions == "scalebio" else "alpha_scaled"

@@ -34,7 +34,7 @@ from . import data as data_mod
 from . import precision, sharding
 from .config import ConfigError, LisaConfig, ModelConfig, SourceConfig, TokenizerConfig, resolve_relative, save_config
 from .config import to_dict
-from .lisa import Lisa
+from .lisa import FINETUNE_STREAM, Lisa
 from .models import build_model, load_tokenizer, special_token_ids
 from .results import (ResumeError, RunDir, RunInterrupted, SignalWatch, git_revision, hardware, kill_point,
                       own_run_dir, package_versions, write_json)
@@ -257,7 +257,7 @@ def _train(cfg: FinetuneConfig, progress: bool, signals: SignalWatch) -> Path:
     precision.fp32_master(model)
     precision.check_fp32_master(model)
     opt = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lisa = Lisa(model, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, 1, cfg.lisa.keep_all_state) if cfg.lisa.enabled else None
+    lisa = Lisa(model, cfg.lisa.gamma, cfg.lisa.interval, cfg.seed, FINETUNE_STREAM, cfg.lisa.keep_all_state) if cfg.lisa.enabled else None
     engine, engine_meta = None, None
     if mode == "deepspeed":
         ds = sharding.deepspeed_config(ds_file, micro_batch=cfg.micro_batch, global_batch=cfg.global_batch, world=world,

@@ -47,6 +47,10 @@ U_STREAM, W_STREAM = 1, 2
 """u's and w's own streams: independent draws, as the released code."""
 
 
+FINETUNE_STREAM = U_STREAM
+"""The fine-tuned model's stream (scalebio.finetune): u's, the stream every fine-tuning run has drawn from."""
+
+
 def solver_streams(shared: bool) -> tuple[int, int]:
     """(u's stream, w's stream) for the solver's two models."""
     return (SHARED_STREAM, SHARED_STREAM) if shared else (U_STREAM, W_STREAM)

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from . import precision, sharding
 from .distributed import all_reduce, all_reduce_grads, world_size
 from .config import SolverConfig
-from .conventions import resolve as resolve_conventions
+from .conventions import resolve as resolve_conventions, resolve_u_adam
 from .lisa import Lisa
 from .mixture import BatchTotals, source_counts
 
@@ -199,6 +199,7 @@ class ScaleBiO:
                  compute_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.u, self.w, self.objective, self.k, self.cfg = u, w, objective, num_sources, cfg
         self.conventions = resolve_conventions(cfg.conventions)
+        self.u_adam = resolve_u_adam(cfg)
         self.compute_dtype, self.device = compute_dtype, torch.device(device)
         self.lisa_u, self.lisa_w = lisa_u, lisa_w
         # fp32 master weights (scalebio.precision, rule 1): upcast before the optimizers see the parameters.
@@ -219,11 +220,11 @@ class ScaleBiO:
     # -- schedule and LISA -----------------------------------------------------------------------------------
     def set_schedule(self, shape: float, alpha: float) -> None:
         """Scale every optimizer's peak learning rate by the same shape (method.md §3) and set α (and u's Adam
-        for it, under the released code's conventions)."""
+        for it: eps/α under ``solver.u_adam: alpha_scaled``)."""
         for opt, peak in ((self.opt_u, self.cfg.lr_u), (self.opt_w, self.cfg.lr_w), (self.opt_lam, self.cfg.lr_lambda)):
             for group in opt.param_groups:
                 group["lr"] = peak * shape
-        self.conventions.u_adam.set_alpha(self.opt_u, self.cfg.eps, self.alpha, alpha)
+        self.u_adam.set_alpha(self.opt_u, self.cfg.eps, self.alpha, alpha)
         self.alpha = alpha
 
     def schedule_step(self, step: int, steps_per_outer: int) -> float:

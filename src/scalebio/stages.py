@@ -22,7 +22,6 @@ import os
 import shlex
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -265,8 +264,3 @@ def settings_diff(recorded: dict, current: dict, prefix: str = "") -> list[tuple
         elif a != b:
             out.append((name, a, b))
     return out
-
-
-def main_command(script: str | Path, *args: str) -> list[str]:
-    """``[python, script, *args]`` with this interpreter: how a campaign re-invokes its driver."""
-    return [sys.executable, str(script), *args]
