@@ -13,7 +13,7 @@ from conftest import alpaca_records, write_jsonl
 
 from scalebio import data as data_mod
 from scalebio.config import ConfigError, load_config
-from scalebio.finetune import FinetuneConfig, finetune
+from scalebio.finetune import FinetuneConfig, finetune, finished_run
 from scalebio.models import gpt2_bpe_tokenizer
 
 CONVERSATION = {"conversations": [{"from": "human", "value": "two plus two?"}, {"from": "gpt", "value": "four"},
@@ -80,6 +80,25 @@ def test_finetune_trains_and_records_its_data(tmp_path):
     assert meta["data"] == {"records": 8, "truncated": 0, "dropped_no_response": 0, "kept": 8}
     metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(m["train_loss"] > 0 and m["grad_norm"] > 0 for m in metrics)
+
+
+def test_a_finished_run_is_recognised_only_for_its_config_and_training_file(tmp_path):
+    """finished_run names the model of a finished run of exactly this config and training file (what a campaign
+    unit stopped while evaluating asks before training again), and nothing for another config, another training
+    file, an unsaved model or an unfinished run."""
+    cfg = _config(tmp_path, alpaca_records(8, seed=4))
+    assert finished_run(cfg) is None  # nothing ran yet
+    folder = finetune(cfg, progress=False)
+    assert finished_run(cfg) == folder and (folder / "config.json").is_file()
+    other = _config(tmp_path, alpaca_records(8, seed=4), lr=1e-3)
+    assert finished_run(other) is None
+    write_jsonl(tmp_path / "train.jsonl", alpaca_records(8, seed=5))
+    assert finished_run(cfg) is None  # the training file changed
+    cfg = _config(tmp_path, alpaca_records(8, seed=4))  # the original file back
+    assert finished_run(cfg) == folder
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    (tmp_path / "out" / "meta.json").write_text(json.dumps({**meta, "status": "interrupted"}))
+    assert finished_run(cfg) is None
 
 
 def test_deepspeed_mode_refuses_lisa_and_needs_a_json(tmp_path, monkeypatch):

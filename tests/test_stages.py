@@ -62,11 +62,15 @@ def test_status_names_states_hours_left_and_the_command(tmp_path):
     text = Campaign("t", units, command=["python", "drive.py", "run"]).status(jobs=2)
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "| done |" in rows["a"] and "| to do |" in rows["c"]
-    assert "| partial | step 15 of 60, checkpoint in " + str(tmp_path / "ckpt") in rows["b"]
+    assert "| partial | step 15 of 60, no checkpoint in " + str(tmp_path / "ckpt") + " yet" in rows["b"]
     assert "| waiting | needs b |" in rows["d"]
     # left: b's 3/4 of 2 h, c 1 h, d 1 h = 3.5 stream-hours, 1.75 h on two streams
     assert "Left: 3.5 stream-hours, about 1.8 h on 2 streams" in text
     assert "python drive.py run --jobs 2" in text
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "step_0000015.pt").write_text("")
+    text = Campaign("t", units, command=["python", "drive.py", "run"]).status(jobs=2)
+    assert "| partial | step 15 of 60, checkpoint in " + str(tmp_path / "ckpt") + " |" in text
 
 
 def test_settings_diff_names_each_setting():
@@ -151,14 +155,14 @@ def test_protocol_units_and_status(tmp_path):
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(2)))
     status = campaign.status()
-    assert "| reweight_seed0 | partial | step 2 of 3, checkpoint in " + str(run_dir / "checkpoints") in status
+    assert "| reweight_seed0 | partial | step 2 of 3, no checkpoint in " + str(run_dir / "checkpoints") in status
     assert "| learned_ft0 | waiting | needs pool, reweight_seed0 |" in status
     # An arm in flight: its fine-tuning steps logged against the fine-tuning preset's.
     ft_dir = tmp_path / "runs" / "uniform_ft1" / "finetune"
     ft_dir.mkdir(parents=True)
     (ft_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(2)))
     steps = p.finetune_config(tmp_path / "runs" / "uniform_ft1", 1).steps
-    assert f"| uniform_ft1 | partial | step 2 of {steps}, checkpoint in {ft_dir / 'checkpoints'}" in campaign.status()
+    assert f"| uniform_ft1 | partial | step 2 of {steps}, no checkpoint in {ft_dir / 'checkpoints'}" in campaign.status()
     assert " run --runs " + str(tmp_path / "runs") in status and status.rstrip("`\n").endswith("--smoke --jobs 2")
 
 
@@ -214,3 +218,62 @@ def test_the_fingerprint_catches_a_change_in_what_the_code_computes(tmp_path, mo
     shape = conventions.lr_shape
     monkeypatch.setattr(conventions, "lr_shape", lambda *a, **k: 1.01 * shape(*a, **k))
     assert protocol.fingerprint_differs(first, protocol.fingerprint(pool))
+
+
+STOP_DRIVER = """
+import signal, sys, time
+from pathlib import Path
+sys.path.insert(0, {src!r})
+from scalebio.stages import Campaign, CampaignStopped, Unit
+
+root = Path({root!r})
+
+def unit(name, needs=()):
+    def run():
+        def checkpoint(signum, frame):  # what a run's SignalWatch does: finish the step, checkpoint, exit
+            (root / (name + ".ckpt")).write_text(signal.Signals(signum).name)
+            sys.exit(128 + signum)
+        signal.signal(signal.SIGUSR1, checkpoint)
+        (root / (name + ".start")).write_text("")
+        time.sleep(60)
+        (root / name).write_text("")
+    return Unit(name, run=run, done=(root / name).is_file, needs=needs,
+                publish_partial=lambda: (root / (name + ".partial")).write_text(""))
+
+campaign = Campaign("t", [unit("a"), unit("b"), unit("c")], command=[sys.executable, __file__, "run"],
+                    logs=root / "logs")
+args = sys.argv[1:]
+only = args[args.index("--only") + 1:args.index("--jobs")] if "--only" in args else None
+try:
+    campaign.run(jobs=int(args[args.index("--jobs") + 1]), only=only)
+except CampaignStopped as e:
+    print(e, file=sys.stderr)
+    sys.exit(e.exit_code)
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_driver_reaches_the_units_in_flight_and_starts_nothing_new(tmp_path):
+    """SIGUSR1 (a scheduler's warning) to a --jobs 2 driver: both units in flight get it and checkpoint, their
+    trajectories are published, the third unit never starts, and the driver exits 128 + 10 saying how to continue.
+    Catches a driver that dies and leaves its units running, or one that goes on to start the next unit."""
+    import signal
+    import subprocess
+    import time
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    script = tmp_path / "drive.py"
+    script.write_text(textwrap.dedent(STOP_DRIVER.format(src=src, root=str(tmp_path))))
+    proc = subprocess.Popen([sys.executable, str(script), "run", "--jobs", "2"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ((tmp_path / "a.start").is_file() and (tmp_path / "b.start").is_file()):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGUSR1
+    assert "stopped by SIGUSR1" in err and "run the same command again" in err
+    for name in "ab":
+        assert (tmp_path / f"{name}.ckpt").read_text() == "SIGUSR1"
+        assert (tmp_path / f"{name}.partial").is_file()
+    assert not (tmp_path / "c.start").exists()

@@ -42,12 +42,12 @@ import time
 from pathlib import Path
 
 from scalebio.config import load_config, to_dict
-from scalebio.finetune import FinetuneConfig, finetune
+from scalebio.finetune import FinetuneConfig, finetune, finished_run
 from scalebio.resample import pool_from_run, resample
-from scalebio.results import RUN_FILES, copy_retrain_results, relativize
+from scalebio.results import RUN_FILES, RunInterrupted, copy_retrain_results, relativize
 from scalebio.reproduce import Claim, arm_finished, reproduce_report
 from scalebio.reweight import run_reweight
-from scalebio.stages import ABSENT, Campaign, Unit, settings_diff, unit_record
+from scalebio.stages import ABSENT, Campaign, CampaignStopped, Unit, settings_diff, unit_record
 
 if __name__ == "__main__" and not __package__:  # run by its path: run it as the module it is (scalebio.scripts)
     from scalebio.scripts import run_as_module
@@ -371,7 +371,7 @@ class Protocol:
             pool = self.source_pool()
             pool = {k: v for k, v in pool.items() if k not in spec["exclude"]}
             resample(weights, pool, self.extra["n"], i, work / "train.jsonl")
-            model_dir = finetune(ft, progress=sys.stderr.isatty())
+            model_dir = finished_run(ft) or finetune(ft, progress=sys.stderr.isatty())  # stopped while evaluating
             from scalebio.evaluation import load_model
 
             model, tok = load_model(str(model_dir), device="cpu")
@@ -574,7 +574,11 @@ def main(argv: list[str] | None = None) -> int:
         print(text, end="")
         return 0
     if args.action == "run":
-        p.campaign().run(jobs=args.jobs, only=args.only)
+        try:
+            p.campaign().run(jobs=args.jobs, only=args.only)
+        except (CampaignStopped, RunInterrupted) as e:  # a signal: the driver, or this unit's own process
+            log.error("%s", e)
+            return e.exit_code
         if args.only or args.smoke or args.results:
             return 0
     subprocess.run([sys.executable, str(HERE / "table1.py")], check=True, cwd=REPO)

@@ -141,6 +141,22 @@ def _train_sha256(cfg: FinetuneConfig) -> str | None:
     return file_sha256(path) if path is not None and path.is_file() else None
 
 
+def finished_run(cfg: FinetuneConfig) -> Path | None:
+    """The model folder of a run of exactly ``cfg`` already finished in ``cfg.output_dir`` (its meta.json says
+    finished with this config's digest and this training file's sha256, and the model was saved), else None. A
+    driver that must not train twice (a campaign unit stopped while it evaluated) asks this first."""
+    path = Path(cfg.output_dir)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    folder = path / "model"
+    if (meta.get("status") != "finished" or meta.get("config_digest") != _digest(cfg)
+            or meta.get("train_sha256") != _train_sha256(cfg) or not (folder / "config.json").is_file()):
+        return None
+    return folder
+
+
 def _resume_state(run: RunDir, cfg: FinetuneConfig, train_sha256: str | None) -> dict | None:
     """The checkpoint an interrupted run left in output_dir, checked against this config and training file."""
     ckpt = run.latest_checkpoint()
@@ -344,7 +360,8 @@ def _train(cfg: FinetuneConfig, progress: bool, signals: SignalWatch) -> Path:
             save_model(model, tokenizer, folder, full)
     if rank == 0:
         write_json(run.path / "meta.json", {
-            "status": "finished", "seed": cfg.seed, "steps": steps, "examples": len(examples),
+            "status": "finished", "config_digest": _digest(cfg), "train_sha256": train_sha256,
+            "seed": cfg.seed, "steps": steps, "examples": len(examples),
             "truncated": train.stats["truncated"], "data": train.stats,
             "world_size": world, "sharding": mode, "deepspeed": engine_meta,
             "precision": precision.record(cfg.precision, compute_dtype, device), "versions": package_versions(),

@@ -21,7 +21,9 @@ import logging
 import os
 import shlex
 import socket
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -70,6 +72,14 @@ class UnitFailed(RuntimeError):
     """A unit's process exited with an error (its log names the cause)."""
 
 
+class CampaignStopped(RuntimeError):
+    """The campaign's driver was stopped by a signal, which it passed to its units' processes: each finished or
+    abandoned its step, wrote a checkpoint and exited. Running the same command again continues."""
+
+    exit_code = 1
+    """128 + the signal's number, as a shell reports a process ended by it."""
+
+
 @dataclass
 class Campaign:
     """A named list of units in a valid order (every unit after the units it needs)."""
@@ -110,7 +120,7 @@ class Campaign:
             prog = u.progress() if u.progress else None
             if prog and prog[0] > 0:
                 n, total = prog
-                out.append(UnitState(u.name, "partial", f"step {n} of {total}, checkpoint in {u.where}",
+                out.append(UnitState(u.name, "partial", f"step {n} of {total}, {_checkpoint_note(u.where)}",
                                      u.estimate_s * (1 - n / total)))
             elif all(n in done for n in u.needs):
                 out.append(UnitState(u.name, "to do", "", u.estimate_s))
@@ -168,12 +178,12 @@ class Campaign:
                 blocked = [n for n in u.needs if n not in done and n not in only]
                 if blocked:
                     raise RuntimeError(f"unit {u.name} needs {blocked}, which are not done: run them first")
-        start, total, finished = time.time(), len(pending), 0
+        start, total, finished = time.time(), len(pending), [0]  # units finished by this run (a cell: report reads it)
 
         def report(what: str) -> None:
             elapsed = time.time() - start
             left = sum(u.estimate_s for u in pending) / max(1, min(jobs, len(pending))) if pending else 0.0
-            log.info("[%s %d/%d] %s (elapsed %.0f min, about %.1f h left)", self.name, finished, total, what,
+            log.info("[%s %d/%d] %s (elapsed %.0f min, about %.1f h left)", self.name, finished[0], total, what,
                      elapsed / 60, left / 3600)
 
         if jobs <= 1:
@@ -189,7 +199,7 @@ class Campaign:
                     u.publish()
                 pending.remove(u)
                 done.add(u.name)
-                finished += 1
+                finished[0] += 1
                 report(f"{u.name}: done")
             return
 
@@ -199,9 +209,45 @@ class Campaign:
         logs.mkdir(parents=True, exist_ok=True)
         running: dict[str, subprocess.Popen] = {}
         failed: list[str] = []
+        stopped: list[str] = []
+
+        def stop(signum: int, frame) -> None:
+            # SIGTERM / SIGINT / SIGUSR1 (a scheduler's warning, Ctrl-C): start nothing new, and pass the signal to
+            # every unit in flight, which checkpoints and exits (scalebio.results.SignalWatch)
+            name = signal.Signals(signum).name
+            if not stopped:
+                log.warning("%s received: passing it to %s, which write a checkpoint and stop; starting nothing new",
+                            name, ", ".join(running) or "no unit in flight")
+            stopped.append(name)
+            for proc in running.values():
+                if proc.poll() is None:
+                    proc.send_signal(signum)
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                previous[sig] = signal.signal(sig, stop)
+        try:
+            self._run_processes(pending, done, running, failed, stopped, finished, jobs, logs, report, publish_every_s)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if stopped:
+            again = f": {shlex.join([*self.command, '--jobs', str(jobs)])}" if self.command else ""
+            error = CampaignStopped(f"campaign {self.name}: stopped by {stopped[0]}; its units in flight wrote "
+                                    f"checkpoints (logs in {logs}). To continue, run the same command again{again}")
+            error.exit_code = 128 + int(getattr(signal, stopped[0]))
+            raise error
+        if failed:
+            raise UnitFailed(f"campaign {self.name}: unit(s) {failed} failed; see their logs in {logs}")
+
+    def _run_processes(self, pending: list[Unit], done: set[str], running: dict[str, subprocess.Popen],
+                       failed: list[str], stopped: list[str], finished: list[int], jobs: int, logs: Path, report,
+                       publish_every_s: float) -> None:
+        """The loop of ``run`` with ``jobs`` > 1: start ready units as processes, collect them as they end."""
         last_partial = time.time()
         while pending or running:
-            while not failed and len(running) < jobs:
+            while not failed and not stopped and len(running) < jobs:
                 u = self._ready(pending, done, set(running))
                 if u is None:
                     break
@@ -211,7 +257,7 @@ class Campaign:
                 running[u.name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
                 out.close()
             if not running:
-                if failed:
+                if failed or stopped:
                     break
                 raise RuntimeError(f"units {[p.name for p in pending]} wait for units outside this run")
             time.sleep(2)
@@ -223,8 +269,12 @@ class Campaign:
                 pending.remove(u)
                 if proc.returncode == 0 and u.done():
                     done.add(name)
-                    finished += 1
+                    finished[0] += 1
                     report(f"{name}: done")
+                elif stopped:
+                    report(f"{name}: stopped (exit {proc.returncode}; log: {logs / (name + '.log')})")
+                    if u.publish_partial:
+                        u.publish_partial()  # its trajectory so far, as the periodic publication does
                 else:
                     failed.append(name)
                     report(f"{name}: FAILED (exit {proc.returncode}; log: {logs / (name + '.log')})")
@@ -234,8 +284,6 @@ class Campaign:
                     u = self.unit(name)
                     if u.publish_partial:
                         u.publish_partial()
-        if failed:
-            raise UnitFailed(f"campaign {self.name}: unit(s) {failed} failed; see their logs in {logs}")
 
 
 def unit_record(name: str, started: float, extra: dict | None = None) -> dict:
@@ -264,3 +312,13 @@ def settings_diff(recorded: dict, current: dict, prefix: str = "") -> list[tuple
         elif a != b:
             out.append((name, a, b))
     return out
+
+
+def _checkpoint_note(where: Path | None) -> str:
+    """Where a partial unit's progress is kept, or that none is yet: a unit whose process dies before it writes a
+    checkpoint (a run writes one every few steps, or on SIGTERM / SIGINT / SIGUSR1) starts again at step 0."""
+    if where is None:
+        return "no checkpoint"
+    if Path(where).is_dir() and any(Path(where).iterdir()):
+        return f"checkpoint in {where}"
+    return f"no checkpoint in {where} yet (if its process dies now, it starts again at step 0)"
