@@ -265,7 +265,8 @@ class Protocol:
                 meta = json.loads((run_dir / "meta.json").read_text())
                 (out / UNIT_FILE).write_text(json.dumps(
                     {"unit": name, "state": "done", "steps": steps, **{k: meta.get(k) for k in (
-                        "git_revision", "started", "updated", "wall_time_s", "hardware", "precision")}},
+                        "git_revision", "started", "updated", "wall_time_s", "hardware", "precision")},
+                     **{k: meta[k] for k in ("timed", "paused_s", "paused_note") if k in meta}},
                     indent=2) + "\n")
             self._relativize(out)
 
@@ -416,7 +417,9 @@ class Protocol:
     def measured(self) -> dict[str, float]:
         """Seconds per unit kind (per step for reweighting) from the unit.json of the units finished so far. A unit
         whose processes were stopped for a while (SIGSTOP, to time a benchmark on idle cores) records that time as
-        ``paused_s``, which is not the unit's cost."""
+        ``paused_s``, which is not the unit's cost. A reweighting seed whose ``wall_time_s`` is not its cost (a
+        process killed between meta.json writes loses its time from the sum) records an uninterrupted stretch as
+        ``timed``: {"steps", "wall_s"}, which is used instead."""
         found: dict[str, list[float]] = {}
         for f in sorted(self.results.glob(f"*/{UNIT_FILE}")):
             rec = json.loads(f.read_text())
@@ -424,7 +427,9 @@ class Protocol:
                 continue
             wall = rec["wall_time_s"] - rec.get("paused_s", 0.0)
             if f.parent.name.startswith("reweight_seed"):
-                found.setdefault("reweight_step", []).append(wall / rec["steps"])
+                timed = rec.get("timed")
+                found.setdefault("reweight_step", []).append(
+                    timed["wall_s"] / timed["steps"] if timed else wall / rec["steps"])
             elif f.parent.name == "base":
                 found.setdefault("base", []).append(wall)
             elif "arm" in rec:

@@ -183,7 +183,7 @@ def render_protocol(protocol: dict, label: str) -> str:
                    "2.5–97.5 percentile of the mean paired difference. reproduced: it excludes 0 on the side where "
                    "learned is better, as the paper claims; contradicted: it excludes 0 on the other side; "
                    "inconclusive: it contains 0.\n")
-        out.append(md_table(["comparison", "task", "metric", "better", "difference", "95% interval", "pairs",
+        out.append(md_table(["comparison", "task", "metric", "better", "difference", "95% interval", "paired seeds",
                              "documents", "verdict"],
                             [[r["method"].replace("-", " − "), r["item"], r["metric"],
                               "lower" if r["lower_is_better"] else "higher",
