@@ -224,3 +224,38 @@ def test_config_digest_counts_u_adam_as_what_it_resolves_to():
         assert config_digest(cfg(conventions, "plain")) != config_digest(cfg(conventions, "auto"))
     assert config_digest(cfg("scalebio", "auto")) == config_digest(cfg("scalebio", "alpha_scaled"))
     assert config_digest(cfg("scalebio", "auto")) != config_digest(cfg("scalebio", "plain"))
+
+
+def test_wall_time_survives_a_kill_and_counts_each_second_once(tmp_path):
+    """meta.json's wall_time_s is written at every checkpoint: a run killed outright (no signal, so no last write)
+    keeps the time up to its last checkpoint, which its resumed run adds to; and however often a process writes,
+    its seconds count once (the total is at most the time the processes ran). Catches the time of a killed process
+    lost from the sum (what a campaign's measured speeds read), and cumulative times added again at each write."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from scalebio.results import KILL_EXIT_CODE
+
+    path = tiny_run_config(tmp_path, solver={"steps": 6}, checkpoint_every=1, threads=1)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", SCALEBIO_KILL_AT="step.end:4")
+    code = f"from scalebio.cli import main; import sys; sys.exit(main(['reweight', {str(path)!r}, '--no-progress']))"
+    start = time.time()
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    killed_after = time.time() - start
+    assert r.returncode == KILL_EXIT_CODE, r.stderr[-2000:]
+    run = Path(load_config(path).run_dir)
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["status"] == "running" and 0 < meta["wall_time_s"] < killed_after
+    start = time.time()
+    run_reweight(load_config(path), progress=False)
+    resumed_for = time.time() - start
+    final = json.loads((run / "meta.json").read_text())
+    assert final["status"] == "finished"
+    assert meta["wall_time_s"] < final["wall_time_s"] <= meta["wall_time_s"] + resumed_for
+    # One process writing at 10 s, 25 s and 30 s of its life adds 30 s, not 65 s.
+    recorder = Reweighting(load_config(path)).recorder
+    for wall in (10.0, 25.0, 30.0):
+        recorder.write_meta("running", wall)
+    assert json.loads((run / "meta.json").read_text())["wall_time_s"] == pytest.approx(final["wall_time_s"] + 30.0)

@@ -104,6 +104,7 @@ class RunRecorder:
 
     def __init__(self, cfg: RunConfig, run: RunDir, rank: int, files: dict[str, dict], sharded: bool, facts: dict):
         self.cfg, self.run, self.rank, self.files, self.sharded, self.facts = cfg, run, rank, files, sharded, facts
+        self._counted = 0.0  # this process's wall time already added to meta.json's wall_time_s
 
     # -- start ---------------------------------------------------------------------------------------------
     def start(self, data_report: dict) -> None:
@@ -191,7 +192,9 @@ class RunRecorder:
         return record
 
     def write_meta(self, status: str, wall: float, error: str | None = None, extra: dict | None = None) -> None:
-        """meta.json: ``status``, versions, revision, hardware, how the run is built, and the wall time so far."""
+        """meta.json: ``status``, versions, revision, hardware, how the run is built, and the wall time so far.
+        ``wall``: this process's seconds since it started; meta.json's ``wall_time_s`` sums every process of the run
+        (a resumed run adds to it), each counted once however often it writes."""
         if self.rank != 0:
             return
         path = self.run.path / "meta.json"
@@ -210,7 +213,7 @@ class RunRecorder:
             "precision": f["precision"],
             "started": previous.get("started", datetime.now(timezone.utc).isoformat(timespec="seconds")),
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "wall_time_s": previous.get("wall_time_s", 0.0) + wall,
+            "wall_time_s": previous.get("wall_time_s", 0.0) + max(0.0, wall - self._counted),
             "steps_total": f["steps_total"],
             "parameters": f["parameters"],
             "sharding": f["sharding"],
@@ -220,6 +223,7 @@ class RunRecorder:
             meta["error"] = error
         meta.update(extra or {})
         write_json(path, meta)
+        self._counted = max(self._counted, wall)
 
     def write_meta_safely(self, status: str, wall: float, error: str) -> None:
         """Record a failure without masking it: a meta.json that cannot be written only logs."""

@@ -167,6 +167,8 @@ class Reweighting(RunParts):
             kill_point("step.end")
             if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == end:
                 self._checkpoint(step + 1)
+                # the wall time so far: a process killed outright (no signal) loses only what followed
+                self.recorder.write_meta("running", time.time() - t0)
         if end < self.total_steps:
             self.recorder.write_meta("stopped", time.time() - t0)
             return None
