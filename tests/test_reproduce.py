@@ -219,3 +219,20 @@ def test_llama3_offline_claims(tmp_path):
     text = offline.reproduce(folder, repo)
     row = next(line for line in text.splitlines() if line.startswith("| llama3_test | learned beats uniform"))
     assert row.endswith("| now holds (did not) |")
+
+
+def test_git_revision_is_dirty_for_code_not_for_published_results(tmp_path):
+    """A unit records the revision it ran: results/ and figures/ that runs publish into the checkout do not make it
+    "+dirty" (a campaign's pinned checkout publishes there while it runs); a modified tracked file elsewhere does."""
+    from scalebio.results import git_revision
+
+    repo = git_checkout(tmp_path / "r", {"src/pkg/x.py": "x = 1\n", "results/a.json": "{}\n",
+                                         "figures/f.txt": "f\n", "README.md": "r\n"})
+    where = repo / "src" / "pkg"
+    clean = git_revision(where)
+    assert clean and not clean.endswith("+dirty")
+    (repo / "results/a.json").write_text('{"a": 1}\n')
+    (repo / "figures/f.txt").write_text("g\n")
+    assert git_revision(where) == clean
+    (repo / "README.md").write_text("changed\n")
+    assert git_revision(where) == clean + "+dirty"

@@ -62,13 +62,16 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_revision(start: Path | None = None) -> str | None:
-    """The git commit of the checkout containing ``start`` (default: this package), with '+dirty' if modified."""
+    """The git commit of the checkout containing ``start`` (default: this package), with '+dirty' if a tracked file
+    outside ``results/`` and ``figures/`` is modified (what runs publish there does not change what the code
+    computes: a campaign's checkout publishes into its own results/ while its units run)."""
     where = start or Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(top,exclude)results", ":(top,exclude)figures"], cwd=where,
                                capture_output=True, text=True, timeout=10)
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
