@@ -11,6 +11,8 @@ unless an objective is passed.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import math
@@ -95,6 +97,26 @@ class TrainLog:
     lrs: list[float]
 
 
+def dropout_seeded(fn: Callable) -> Callable:
+    """Run the training function ``fn`` with the global RNG, which dropout draws from, seeded from its ``seed``
+    argument, and give the caller back its own RNG state afterwards. Without it a baseline's selection depended
+    on what the same process had run before (compare.py runs many units in one process, and skips finished ones):
+    `make reproduce-gpt2` recomputed other RHO-LOSS, LESS and DoReMi selections than the committed ones."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def seeded(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(bound.arguments["seed"])
+            return fn(*args, **kwargs)
+
+    return seeded
+
+
+@dropout_seeded
 def train_steps(model: nn.Module, examples: Sequence[data_mod.Example], steps: int, batch_size: int, lr: float,
                 pad_id: int, seed: int = 0, params: Sequence[torch.Tensor] | None = None,
                 optimizer: torch.optim.Optimizer | None = None, weight_decay: float = 0.0,
@@ -102,7 +124,8 @@ def train_steps(model: nn.Module, examples: Sequence[data_mod.Example], steps: i
                 device: torch.device | str | None = None,
                 on_step: Callable[[int], None] | None = None, progress: bool = False) -> TrainLog:
     """Plain supervised training (finetune.py's step): minimise the mean per-example loss of batches drawn
-    without replacement (one seeded permutation per epoch) with AdamW, lr ``lr × lr_shape``.
+    without replacement (one seeded permutation per epoch) with AdamW, lr ``lr × lr_shape``; dropout seeded from
+    ``seed`` too (``dropout_seeded``).
 
     ``params``: what to train (default all of ``model``'s parameters); ``optimizer``: an existing AdamW over
     them (its state is kept). ``on_step(step)`` runs after each step; ``progress``: a progress bar.

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .. import data as data_mod
 from ..solver import CausalLMObjective
-from .common import TrainLog, provenance
+from .common import TrainLog, dropout_seeded, provenance
 
 PAPER = "Xie et al. 2023, DoReMi: Optimizing Data Mixtures Speeds Up Language Model Pretraining"
 
@@ -88,6 +88,7 @@ def doremi_weight_update(weights: torch.Tensor, excess: torch.Tensor, counts: to
     return (1 - smoothing) * updated + smoothing / k, lam
 
 
+@dropout_seeded
 def train_reference_model(model: nn.Module, sources: Sequence[Sequence[data_mod.Example]], steps: int,
                           batch_size: int, lr: float, pad_id: int, reference_weights: Sequence[float] | None = None,
                           seed: int = 0, weight_decay: float = 0.0, objective=None, device=None,
@@ -125,6 +126,7 @@ class DoremiResult:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
+@dropout_seeded
 def run_doremi(proxy: nn.Module, reference: nn.Module, sources: Sequence[Sequence[data_mod.Example]],
                names: Sequence[str], steps: int, batch_size: int, lr: float, pad_id: int, eta: float = 1.0,
                smoothing: float = 1e-3, seed: int = 0, weight_decay: float = 0.0, objective=None,

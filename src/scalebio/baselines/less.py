@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from .. import data as data_mod
 from ..solver import CausalLMObjective
-from .common import batches, provenance, top_n
+from .common import batches, dropout_seeded, provenance, top_n
 
 PAPER = "Xia et al. 2024, LESS: Selecting Influential Data for Targeted Instruction Tuning"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "attn.c_attn", "attn.c_proj")
@@ -135,6 +135,7 @@ def linear_shape(step: int, total: int, warmup_ratio: float) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+@dropout_seeded
 def warmup(model: nn.Module, params: Sequence[nn.Parameter], pool: Sequence[data_mod.Example], pad_id: int,
            fraction: float = 0.05, epochs: int = 4, batch_size: int = 32, lr: float = 1e-3,
            warmup_ratio: float = 0.03, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

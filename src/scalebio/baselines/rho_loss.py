@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from .. import data as data_mod
 from ..solver import CausalLMObjective
-from .common import TrainLog, batches, per_example_losses, provenance, top_n, train_steps
+from .common import TrainLog, batches, dropout_seeded, per_example_losses, provenance, top_n, train_steps
 
 PAPER = "Mindermann et al. 2022, Prioritized Training on Points that are Learnable, Worth Learning, and Not Yet Learnt"
 
@@ -92,6 +92,7 @@ def select_rho_loss(model: nn.Module, il_losses: torch.Tensor, pool: Sequence[da
     return RhoLossSelection(top_n(scores, n), scores, prov)
 
 
+@dropout_seeded
 def train_with_rho_loss(model: nn.Module, il_losses: torch.Tensor, pool: Sequence[data_mod.Example], steps: int,
                         large_batch: int, selected_batch: int, lr: float, pad_id: int, seed: int = 0,
                         weight_decay: float = 0.0, objective=None, device=None,
