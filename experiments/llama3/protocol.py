@@ -222,9 +222,13 @@ class Protocol:
         roots = [REPO, self.runs]
         if self.pool.parent.parts[-2:] == ("data", "llama3"):  # a pool in another checkout: data/llama3/<name>
             roots.append(self.pool.parents[2])
-        config = out / "config.yaml"
-        if config.is_file() and (source := (yaml.safe_load(config.read_text()) or {}).get("source_file")):
-            roots.append(Path(source).parents[2])  # <checkout>/experiments/llama3/<preset>.yaml
+        sources = []  # the preset's path as each process of the unit named it: a resumed unit may have run from two
+        config, weights = out / "config.yaml", out / "weights.json"
+        if config.is_file():
+            sources.append((yaml.safe_load(config.read_text()) or {}).get("source_file"))
+        if weights.is_file():
+            sources.append(json.loads(weights.read_text()).get("provenance", {}).get("config_file"))
+        roots += [Path(s).parents[2] for s in sources if s and Path(s).is_absolute()]  # <checkout>/experiments/llama3/x.yaml
         for root in roots:
             relativize(out, root)
 
