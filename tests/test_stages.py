@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import llama3_module
-from scalebio.stages import ABSENT, Campaign, Unit, UnitFailed, settings_diff
+from scalebio.stages import ABSENT, Campaign, Unit, UnitFailed, makespan_s, settings_diff
 
 
 def _file_unit(root: Path, name: str, needs=(), estimate_s=3600.0, log=None) -> Unit:
@@ -59,18 +59,36 @@ def test_status_names_states_hours_left_and_the_command(tmp_path):
     (tmp_path / "a").write_text("a")
     units[1].progress = lambda: (15, 60)  # b is in flight: a quarter done
     units[1].where = tmp_path / "ckpt"
-    text = Campaign("t", units, command=["python", "drive.py", "run"]).status(jobs=2)
+    text = Campaign("t", units, command=["python", "drive.py", "run"]).status(jobs=2, cores=2)
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "| done |" in rows["a"] and "| to do |" in rows["c"]
     assert "| partial | step 15 of 60, no checkpoint in " + str(tmp_path / "ckpt") + " yet" in rows["b"]
     assert "| waiting | needs b |" in rows["d"]
-    # left: b's 3/4 of 2 h, c 1 h, d 1 h = 3.5 stream-hours, 1.75 h on two streams
-    assert "Left: 3.5 stream-hours, about 1.8 h on 2 streams" in text
+    # left: b's 3/4 of 2 h, c 1 h, d 1 h = 3.5 stream-hours; d waits for b, so 1.5 + 1 = 2.5 h on two streams
+    assert "Left: 3.5 stream-hours, about 2.5 h with 2 units at once on 2 cores" in text
     assert "python drive.py run --jobs 2" in text
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "step_0000015.pt").write_text("")
     text = Campaign("t", units, command=["python", "drive.py", "run"]).status(jobs=2)
     assert "| partial | step 15 of 60, checkpoint in " + str(tmp_path / "ckpt") + " |" in text
+
+
+def test_hours_left_is_the_makespan_not_the_stream_hours_over_the_jobs():
+    hour = 3600.0
+    three = {"a": hour, "b": hour, "c": hour}
+    assert makespan_s(three, {}, jobs=1, cores=2) == pytest.approx(3 * hour)
+    assert makespan_s(three, {}, jobs=2, cores=2) == pytest.approx(2 * hour)  # a unit is not split: not 1.5 h
+    assert makespan_s(three, {}, jobs=3, cores=2) == pytest.approx(1.5 * hour)  # three share two cores
+    assert makespan_s(three, {}, jobs=3, cores=4) == pytest.approx(hour)  # one-thread units: a core each at most
+    assert makespan_s(three, {"b": ("a",), "c": ("b",)}, jobs=3, cores=2) == pytest.approx(3 * hour)  # a chain
+    # Two units in flight with 0.7 and 0.8 h left, then three of 1 h. Three at once on two cores, at 2/3 speed each:
+    # p ends at 1.05 h, q at 1.2 h, x at 1.5 h; then y and z (0.7, 0.8 h left) run at full speed: 2.3 h, where two
+    # at once take 2.7 h and the stream-hours over the cores would say 2.25 h.
+    tail = {"p": 0.7 * hour, "q": 0.8 * hour, "x": hour, "y": hour, "z": hour}
+    assert makespan_s(tail, {}, jobs=3, cores=2) == pytest.approx(2.3 * hour)
+    assert makespan_s(tail, {}, jobs=2, cores=2) == pytest.approx(2.7 * hour)  # p, x, z on one stream; q, y on the other
+    with pytest.raises(ValueError, match="wait for each other"):
+        makespan_s({"a": hour, "b": hour}, {"a": ("b",), "b": ("a",)}, jobs=2, cores=2)
 
 
 def test_settings_diff_names_each_setting():

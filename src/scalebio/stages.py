@@ -33,6 +33,40 @@ from typing import Callable
 log = logging.getLogger("scalebio.stages")
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def makespan_s(left_s: dict[str, float], needs: dict[str, tuple[str, ...]], jobs: int, cores: int) -> float:
+    """Seconds until all of ``left_s``'s units finish when up to ``jobs`` run at once, in the dict's order as their
+    ``needs`` (among ``left_s``'s units) allow, on ``cores`` cores shared evenly (each unit is one thread: alone on a
+    core it takes its ``left_s``; n > cores units run at cores / n of that speed)."""
+    left = {k: v for k, v in left_s.items()}
+    waiting, running, clock = list(left), [], 0.0
+    while waiting or running:
+        for name in list(waiting):
+            if len(running) >= max(1, jobs):
+                break
+            if all(n not in left for n in needs.get(name, ())):
+                waiting.remove(name)
+                running.append(name)
+        if not running:
+            raise ValueError(f"units {waiting} wait for each other")
+        speed = min(1.0, cores / len(running))
+        dt = min(left[n] for n in running) / speed
+        clock += dt
+        for n in list(running):
+            left[n] -= dt * speed
+            if left[n] <= 1e-9:
+                running.remove(n)
+                del left[n]
+    return clock
+
+
 @dataclass
 class Unit:
     """One resumable piece of a campaign."""
@@ -129,10 +163,22 @@ class Campaign:
                                      u.estimate_s))
         return out
 
-    def status(self, jobs: int = 2) -> str:
-        """A Markdown report: every unit's state, the hours left on ``jobs`` streams, the command that continues."""
+    def hours_left(self, jobs: int, cores: int | None = None, states: list[UnitState] | None = None) -> float:
+        """Wall-clock hours until every unit is done, running ``jobs`` units at once on ``cores`` cores (default: the
+        cores this process may use): each unit's ``left_s`` is its time alone on one core (a one-thread process), a
+        unit starts when the units it needs are done, and more units than cores share them. Not the stream-hours
+        divided by ``jobs``: a unit cannot be split, so a last long unit, or a chain of units, sets the time."""
+        states = self.states() if states is None else states
+        cores = cores or available_cores()
+        return makespan_s({s.name: s.left_s for s in states if s.state != "done"},
+                          {u.name: u.needs for u in self.units}, jobs, cores) / 3600
+
+    def status(self, jobs: int = 2, cores: int | None = None) -> str:
+        """A Markdown report: every unit's state, the hours left with ``jobs`` units at once, the command that
+        continues."""
         states = self.states()
         left = sum(s.left_s for s in states)
+        cores = cores or available_cores()
         lines = [f"# Campaign `{self.name}`: status", "",
                  f"Written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {socket.gethostname()}.", "",
                  "| unit | state | detail | hours left (one stream) |", "|---|---|---|---|"]
@@ -140,8 +186,9 @@ class Campaign:
             lines.append(f"| {s.name} | {s.state} | {s.detail or '—'} | {s.left_s / 3600:.1f} |")
         n_done = sum(s.state == "done" for s in states)
         lines += ["", f"{n_done} of {len(states)} units done. Left: {left / 3600:.1f} stream-hours, about "
-                      f"{left / 3600 / max(1, jobs):.1f} h on {jobs} streams (at the measured speeds; a unit in flight "
-                      "counts its steps left).", ""]
+                      f"{self.hours_left(jobs, cores, states):.1f} h with {jobs} units at once on {cores} cores (at the "
+                      "measured speeds; a unit in flight counts its steps left; a unit waits for the units it needs).",
+                  ""]
         if n_done < len(states) and self.command:
             lines += ["Continue with:", "", "```", shlex.join([*self.command, "--jobs", str(jobs)]), "```", ""]
         return "\n".join(lines)
@@ -182,9 +229,9 @@ class Campaign:
 
         def report(what: str) -> None:
             elapsed = time.time() - start
-            left = sum(u.estimate_s for u in pending) / max(1, min(jobs, len(pending))) if pending else 0.0
+            left = self.hours_left(jobs, states=[s for s in self.states() if s.name in chosen_names])
             log.info("[%s %d/%d] %s (elapsed %.0f min, about %.1f h left)", self.name, finished[0], total, what,
-                     elapsed / 60, left / 3600)
+                     elapsed / 60, left)
 
         if jobs <= 1:
             while pending:
