@@ -71,6 +71,9 @@ def _fake_protocol(root: Path) -> None:
                       for task, values in (("nll_better", nll), ("nll_same", per_token), ("nll_noise", noisy))
                       for d, x in enumerate(values)]
             _write_arm(root / f"{arm}_ft{i}", lines)
+            drawn = {"learned": dict(zip(SOURCES, (600, 500, 400, 300, 160, 40))),
+                     "uniform": {s: 200 for s in SOURCES}, "uniform_real": {s: 240 for s in SOURCES[:5]}}[arm]
+            (root / f"{arm}_ft{i}" / "resample.json").write_text(json.dumps({"n": 1200, "counts": drawn}))
     (root / "base").mkdir()
     (root / "base" / "eval.json").write_text(json.dumps({"tasks": {"nll_better": {"nll_per_token": 2.0}}}))
 
@@ -113,6 +116,12 @@ def test_table1_protocol_verdicts_and_determinism(tmp_path):
     assert _line(text, "| uniform_real | 0 1 2 |").count("±") == 4
     # Benchmarks: learned / uniform / base rows with mean ± std over the three fine-tuning seeds.
     assert _line(text, "| learned | 0 1 2 |").count("±") == 4 and _line(text, "| base | — |").count("2.0000") == 1
+    # Each arm's draw: the examples per source, the control first with its share; none for the base model.
+    assert _line(text, "| arm | seed | examples |") == ("| arm | seed | examples | control-dot-responses | alpaca | "
+                                                        "codealpaca | GPT4-LLM-Cleaned | MathInstruct | SlimOrca |")
+    assert _line(text, "| learned | 1 | 2000 |") == "| learned | 1 | 2000 | 40 (2.0%) | 300 | 160 | 500 | 600 | 400 |"
+    assert _line(text, "| uniform_real | 2 | 1200 |") == "| uniform_real | 2 | 1200 | — | 240 | 240 | 240 | 240 | 240 |"
+    assert _line(text, "| uniform | 0 | 1200 |").split(" | ")[3] == "200 (16.7%)"
     # Weights beside the reported ones; Spearman of every pair of seeds; the control source against 1/k.
     assert _line(text, "| MathInstruct |") == "| MathInstruct | 0.190 | 0.3000 | 0.2800 | 0.0200 |"
     assert _line(text, "| seed 0 vs seed 1 |") == "| seed 0 vs seed 1 | 6 | 1.0000 |"
@@ -124,6 +133,8 @@ def test_table1_protocol_verdicts_and_determinism(tmp_path):
 
     csv_lines = csv_path.read_text().splitlines()
     assert csv_lines[0].endswith(",ci_lo,ci_hi,verdict")
+    assert [line for line in csv_lines if line.startswith("draw,") and ",uniform,control-dot-responses," in line
+            and ",0 1 2," not in line][0].split(",")[6:10] == ["share", "0.166667", "", "200"]
     assert [line for line in csv_lines if line.startswith("difference,") and ",em_worse," in line][0].endswith(
         ",contradicted")
 

@@ -205,7 +205,7 @@ def build_table(results: str | Path, out: str | Path, results_label: str | None 
     out.mkdir(parents=True, exist_ok=True)
     md, csv_path = out / "table1.md", out / "table1.csv"
     write_text(md, render_markdown(bench, weights, label, render_protocol(protocol, f"{label}/{PROTOCOL}")))
-    protocol_rows = [r for k in ("bench", "differences", "weights", "spearman", "control") for r in protocol[k]]
+    protocol_rows = [r for k in ("bench", "differences", "draws", "weights", "spearman", "control") for r in protocol[k]]
     write_text(csv_path, render_csv(bench + weights + protocol_rows + reported_rows()))
     if figures is not None:
         plot_protocol_weights(protocol, Path(figures))

@@ -40,9 +40,10 @@ BOOTSTRAP_ITERS, BOOTSTRAP_SEED = 2000, 0
 
 
 def read_protocol(folder: Path) -> dict:
-    """The protocol's files: ``weights`` and ``trajectories`` by reweighting seed, ``evals`` and ``samples`` by
-    (arm, fine-tuning seed), base under (BASE, None). Empty where the files do not exist."""
-    found: dict[str, dict] = {"weights": {}, "trajectories": {}, "evals": {}, "samples": {}}
+    """The protocol's files: ``weights`` and ``trajectories`` by reweighting seed, ``evals``, ``samples`` and
+    ``draws`` (examples per source in the arm's training draw) by (arm, fine-tuning seed), base under (BASE, None).
+    Empty where the files do not exist."""
+    found: dict[str, dict] = {"weights": {}, "trajectories": {}, "evals": {}, "samples": {}, "draws": {}}
     for d in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
         if m := REWEIGHT_DIR.match(d.name):
             if (d / "weights.json").is_file():
@@ -58,6 +59,8 @@ def read_protocol(folder: Path) -> dict:
             found["evals"][key] = json.loads((d / "eval.json").read_text())
         if (d / "eval_samples.jsonl").is_file():
             found["samples"][key] = read_samples(d / "eval_samples.jsonl")
+        if m and (d / "resample.json").is_file():
+            found["draws"][key] = {k: int(v) for k, v in json.loads((d / "resample.json").read_text())["counts"].items()}
     return found
 
 
@@ -106,6 +109,17 @@ def protocol_differences(samples: dict, model: str) -> list[dict]:
     return rows
 
 
+def protocol_draw_rows(draws: dict, model: str) -> list[dict]:
+    """Each arm's training draw: every source's share of the examples (``n``: its count), per fine-tuning seed. What
+    the fine-tuned model saw, so that a difference between arms can be read against the control's share."""
+    rows = []
+    for (arm, seed), counts in sorted(draws.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1])):
+        total = sum(counts.values())
+        rows += [_row("draw", model, arm, source, "share", count / total, count, str(seed))
+                 for source, count in sorted(counts.items(), key=lambda kv: kv[0].lower())]
+    return rows
+
+
 def control_sources(weights: dict) -> list[str]:
     """The sources whose name contains "control", over all weights records."""
     return sorted({s for record in weights.values() for s in record["weights"] if "control" in s.lower()})
@@ -142,7 +156,8 @@ def collect_protocol(folder: Path) -> dict:
         ", ".join(sorted({Path(str(e["model"])).name for e in found["evals"].values() if e.get("model")})) or "unknown"
     weight_rows, rank_rows, control_rows = protocol_weight_rows(found["weights"], model)
     return {"bench": protocol_bench_rows(found["evals"], model),
-            "differences": protocol_differences(found["samples"], model), "weights": weight_rows,
+            "differences": protocol_differences(found["samples"], model),
+            "draws": protocol_draw_rows(found["draws"], model), "weights": weight_rows,
             "spearman": rank_rows, "control": control_rows, "trajectories": found["trajectories"],
             "control_source": (control_sources({**{s: t[-1] for s, t in found["trajectories"].items() if t},
                                                 **found["weights"]}) or [None])[0], "model": model,
@@ -189,6 +204,8 @@ def render_protocol(protocol: dict, label: str) -> str:
                               "lower" if r["lower_is_better"] else "higher",
                               _signed(r["mean"]), f"[{_signed(r['ci_lo'])}, {_signed(r['ci_hi'])}]", r["seeds"],
                               str(r["docs"]), f"**{r['verdict']}**"] for r in protocol["differences"]]))
+    if protocol["draws"]:
+        out.append(_render_draws(protocol["draws"]))
     if protocol["weights"]:
         seeds = sorted({int(r["seeds"]) for r in protocol["weights"]})
         by_cell = {(r["item"], int(r["seeds"])): r["mean"] for r in protocol["weights"]}
@@ -209,6 +226,23 @@ def render_protocol(protocol: dict, label: str) -> str:
                               f"{r['mean'] * r['n']:.4f}", "yes" if r["verdict"] == "below 1/k" else "no"]
                              for r in protocol["control"]]))
     return "\n".join(out) + "\n"
+
+
+def _render_draws(draws: list[dict]) -> str:
+    """One row per arm and fine-tuning seed: the examples per source, the control's first with its share."""
+    sources = sorted({r["item"] for r in draws}, key=lambda s: ("control" not in s.lower(), s.lower()))
+    by_run: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in draws:
+        by_run.setdefault((r["method"], r["seeds"]), {})[r["item"]] = r
+
+    def cell(run: dict[str, dict], source: str) -> str:
+        r = run.get(source)
+        return "—" if r is None else f"{r['n']} ({r['mean']:.1%})" if "control" in source.lower() else str(r["n"])
+
+    rows = [[method, seed, str(sum(r["n"] for r in run.values()))] + [cell(run, s) for s in sources]
+            for (method, seed), run in by_run.items()]
+    return ("\n### Training draws (examples per source; the control's share in parentheses)\n\n" +
+            md_table(["arm", "seed", "examples", *sources], rows))
 
 
 def plot_protocol_weights(protocol: dict, figures: Path) -> Path | None:
