@@ -69,7 +69,7 @@ figures: ## rebuild every table and figure from results/ alone (seconds)
 	$(BIN)/python -m benchmarks.table --results results/bench --update README.md benchmarks/README.md
 	$(BIN)/python experiments/llama3/table1.py
 
-bench: setup ## speed, memory and precision benchmarks (about 30 min on 2 cores): results/bench/*.json, figures/bench_*.png
+bench: setup ## speed, memory and precision benchmarks (about 2 h on 2 cores): results/bench/*.json, figures/bench_*.png
 	$(BIN)/python -m benchmarks.run --out results/bench --figures figures
 	$(BIN)/python -m benchmarks.table --results results/bench --update README.md benchmarks/README.md
 

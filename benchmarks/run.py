@@ -1,11 +1,11 @@
 """Run the ScaleBiO benchmarks and write results/bench/*.json, then the figures.
 
-    python -m benchmarks.run --out results/bench --figures figures           # full (~30 min on 2 shared cores)
+    python -m benchmarks.run --out results/bench --figures figures           # full (~2 h on 2 cores)
     python -m benchmarks.run --out /tmp/bench --figures /tmp/fig --smoke     # toy sizes, seconds
     python -m benchmarks.run --out results/bench --only memory               # one experiment
     python -m benchmarks.run --out results/bench --only precision profile --device cuda   # gpu_*.json (gpu_check.sh)
-    python -m benchmarks.run --out results/bench --only gap_noise   # λ's gradient per precision (~25 min CPU)
-    python -m benchmarks.run --out results/bench --only u_eps       # u's eps vs eps/α (~13 min CPU; opt-in)
+    python -m benchmarks.run --out results/bench --only gap_noise   # λ's gradient per precision (~40 min CPU)
+    python -m benchmarks.run --out results/bench --only u_eps       # u's eps vs eps/α (~13 min of an idle CPU thread; opt-in)
 
 Every JSON holds machine info, the torch version, the settings, every timed repetition and the medians.
 """

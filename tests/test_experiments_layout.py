@@ -1,6 +1,8 @@
 """experiments/ is a package tree beside the library: its modules import the installed ``scalebio`` and each other by
 their full names (``experiments.llama3.tasks``), never through ``sys.path``; a module runs by its path (the command a
-campaign's STATUS.md gives) as well as with ``python -m`` (``scalebio.scripts``)."""
+campaign's STATUS.md gives) as well as with ``python -m`` (``scalebio.scripts``). Library and experiments write a
+whole file one way, ``scalebio.files.write_text`` (atomic), except inside a temporary folder that replaces its target
+whole."""
 
 import ast
 import os
@@ -39,6 +41,38 @@ def layout_violations(root: Path) -> list[str]:
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
                 bad += [f"{where}:{node.lineno}: imports {n} by its bare name" for n in names if n.split(".")[0] in stems]
     return bad
+
+
+TEMPORARY_FOLDER = "# inside a temporary folder that replaces the target whole"
+"""The comment, on the line above, that allows a plain ``Path.write_text`` / ``write_bytes``."""
+
+
+def unsafe_writes(root: Path) -> list[str]:
+    """``<path>.write_text(...)`` / ``.write_bytes(...)`` calls (a reader can see half a file, a kill leaves one) not
+    marked as writing inside a temporary folder; ``files.write_text`` is the atomic writer."""
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        lines = text.splitlines()
+        for node in ast.walk(ast.parse(text, filename=str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("write_text", "write_bytes")
+                    and getattr(node.func.value, "id", None) != "files"
+                    and not (node.lineno >= 2 and lines[node.lineno - 2].strip() == TEMPORARY_FOLDER)):
+                bad.append(f"{path.relative_to(root.parent)}:{node.lineno}: {node.func.attr} is not atomic")
+    return bad
+
+
+def test_every_whole_file_write_is_atomic(tmp_path):
+    assert unsafe_writes(Path(SRC) / "scalebio") == [] and unsafe_writes(EXPERIMENTS) == []
+    tree = tmp_path / "experiments"
+    tree.mkdir()
+    (tree / "ok.py").write_text("from scalebio import files\nfrom scalebio.files import write_text\n"
+                                "files.write_text(p, 'a')\nwrite_text(p, 'a')\n"
+                                f"{TEMPORARY_FOLDER}\n(tmp / 'x').write_bytes(b'a')\n")
+    (tree / "bad.py").write_text("(out / 'summary.json').write_text('{}')\n# a comment\nout.write_bytes(b'a')\n")
+    assert unsafe_writes(tree) == ["experiments/bad.py:1: write_text is not atomic",
+                                   "experiments/bad.py:3: write_bytes is not atomic"]
 
 
 def test_experiments_import_the_package_and_each_other_by_full_name():

@@ -183,8 +183,10 @@ def write_dataset(out: Path, files: dict[str, list[dict]], inputs: Inputs, manif
         for rel, records in files.items():
             data = jsonl_bytes(records)
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            # inside a temporary folder that replaces the target whole
             (tmp / rel).write_bytes(data)
             manifest["files"][rel] = {"records": len(records), "sha256": hashlib.sha256(data).hexdigest()}
+        # inside a temporary folder that replaces the target whole
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
                                            encoding="utf-8")
         os.chmod(tmp, 0o755)

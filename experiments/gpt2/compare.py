@@ -72,6 +72,7 @@ from pathlib import Path
 
 import yaml
 
+from scalebio.files import write_text
 from scalebio.reproduce import prune
 from scalebio.results import write_json
 from scalebio.stages import Campaign, Unit
@@ -312,7 +313,7 @@ def build_units(task: str, plan: dict, settings: dict, smoke: bool, runs_root: P
                         shutil.copy2(work / name, out / name)
                     draw = json.loads((work / "draw.json").read_text())
                     name = "selection.json" if method in SELECTED else "resample.json"
-                    (out / name).write_text(json.dumps(draw, indent=2) + "\n")
+                    write_text(out / name, json.dumps(draw, indent=2) + "\n")
                     shutil.copy2(train_dir / "finetune" / "metrics.jsonl", out / "finetune_metrics.jsonl")
                     write_json(out / "cost.json", arm_cost(method, plan, s, run_dir, sel, train_dir))
                     pipeline_relativize(out)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from scalebio.evaluation.record import read_samples
+from scalebio.files import write_text
 from scalebio.plotting import save_figure, style
 from scalebio.stats import Ratio, paired_bootstrap, task_ratios, verdict
 
@@ -178,7 +179,7 @@ def update_readme(readme: Path, block: str) -> None:
         return
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{block}{END}{tail}")
+    write_text(readme, f"{head}{START}\n{block}{END}{tail}")
 
 
 def main(argv=None) -> int:
@@ -192,10 +193,10 @@ def main(argv=None) -> int:
     blocks = []
     for task, variants in summary.items():
         out = root / task / "compare"
-        (out / "summary.json").write_text(json.dumps({"interval": INTERVAL, "variants": variants}, indent=2) + "\n")
+        write_text(out / "summary.json", json.dumps({"interval": INTERVAL, "variants": variants}, indent=2) + "\n")
         labels = comparison_settings(root, task).get("labels", {})
         text = table(task, variants, labels)
-        (out / "table.md").write_text(text)
+        write_text(out / "table.md", text)
         plot(task, variants, Path(args.figures), labels)
         blocks.append(f"**{task.replace('_', ' ')}** (`results/gpt2/{task}/compare/`, "
                       f"`figures/gpt2_{task}_compare.png`)\n\n{text}")

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from scalebio.files import write_text
 from scalebio.plotting import save_figure, style
 from scalebio.reproduce import Claim, reproduce_report
 from scalebio.results import read_jsonl
@@ -233,7 +234,7 @@ def update_readme(readme: Path, table: str) -> None:
         return
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{table}{END}{tail}")
+    write_text(readme, f"{head}{START}\n{table}{END}{tail}")
 
 
 def main(argv=None) -> int:
@@ -250,9 +251,9 @@ def main(argv=None) -> int:
         print(reproduce(root), end="")
         return 0
     summary = summarise(root)
-    (root / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_text(root / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     table = claims_table(summary)
-    (root / "claims.md").write_text(table)
+    write_text(root / "claims.md", table)
     plot(summary, root, Path(args.figures))
     update_readme(Path(args.readme), table)
     return 0

@@ -96,6 +96,8 @@ def _source_files(shared: Path, stand_ins: bool = True) -> dict[str, list[Path]]
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> str:
+    """Write ``records`` as JSONL; returns the file's sha256. Callers write into the pool's temporary folder."""
+    # inside a temporary folder that replaces the target whole
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return _sha256(path)
 
@@ -204,6 +206,7 @@ def build(shared_data: str | Path, out: str | Path, seed: int = 0, per_source: i
                                        "math_test": "math/test.jsonl (problem)"},
             "inputs": dict(sorted(inputs.items())),
         }
+        # inside a temporary folder that replaces the target whole
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))

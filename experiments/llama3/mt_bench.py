@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from scalebio.data import render_segments
+from scalebio.files import write_text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s (%s)", NO_JUDGE_NOTE, args.out)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return 0
 
 

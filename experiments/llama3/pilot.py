@@ -24,6 +24,8 @@ import logging
 import sys
 from pathlib import Path
 
+from scalebio.files import write_text
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
@@ -89,7 +91,7 @@ def summarise(seeds: list[int], steps: int, runs: Path = RUNS, out: Path = OUT, 
             raise SystemExit(f"{run_dir}: {len(metrics)} steps logged, fewer than --steps {steps}")
         trajectories[seed] = {r["step"]: r["weights"] for r in traj}
         for name, rows in (("weights.jsonl", traj), ("metrics.jsonl", metrics)):
-            (out / f"seed{seed}_{name}").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            write_text(out / f"seed{seed}_{name}", "".join(json.dumps(r) + "\n" for r in rows))
         meta = json.loads((run_dir / "meta.json").read_text())
         # A run killed and resumed (an out-of-memory kill, say) loses the killed part's wall time: then no rate.
         from datetime import datetime
@@ -121,7 +123,7 @@ def summarise(seeds: list[int], steps: int, runs: Path = RUNS, out: Path = OUT, 
                "spearman_between_seeds": agreement,
                "config": "experiments/llama3/protocol_smollm2.yaml (the first steps of the real runs)",
                **({"overrides": list(overrides)} if overrides else {})}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
 

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from scalebio.config import load_config, to_dict
+from scalebio.files import write_text
 from scalebio.finetune import FinetuneConfig, finetune, finished_run
 from scalebio.resample import pool_from_run, resample
 from scalebio.results import RUN_FILES, RunInterrupted, copy_retrain_results, relativize
@@ -164,7 +165,7 @@ class Protocol:
 
             self.results.mkdir(parents=True, exist_ok=True)
             record = {"campaign": "Table 1 protocol", "started_revision": git_revision(), "settings": now}
-            path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
             log.info("campaign settings recorded in %s", path)
             return
         self.check_numbers()
@@ -199,7 +200,7 @@ class Protocol:
         recorded = record.get("fingerprint")
         if recorded is None:  # the campaign's first invocation since the pool was built: record it
             record["fingerprint"] = now
-            path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
             recorded = now
         bad = fingerprint_differs(recorded, now)
         if bad:
@@ -233,7 +234,7 @@ class Protocol:
             relativize(out, root)
 
     def _unit_file(self, work: Path, name: str, started: float, extra: dict | None = None) -> None:
-        (work / UNIT_FILE).write_text(json.dumps(unit_record(name, started, extra), indent=2) + "\n")
+        write_text(work / UNIT_FILE, json.dumps(unit_record(name, started, extra), indent=2) + "\n")
 
     def pool_unit(self) -> Unit:
         def run():
@@ -262,12 +263,12 @@ class Protocol:
                 if (run_dir / f).is_file() and not (partial and f == "weights.json"):
                     shutil.copy2(run_dir / f, out / f)
             if partial:
-                (out / UNIT_FILE).write_text(json.dumps(
+                write_text(out / UNIT_FILE, json.dumps(
                     {"unit": name, "state": "partial", "step": logged(), "of": steps,
                      "checkpoint": str(run_dir / "checkpoints")}, indent=2) + "\n")
             else:  # the run's meta.json records revision, hardware and time: the unit record repeats them
                 meta = json.loads((run_dir / "meta.json").read_text())
-                (out / UNIT_FILE).write_text(json.dumps(
+                write_text(out / UNIT_FILE, json.dumps(
                     {"unit": name, "state": "done", "steps": steps, **{k: meta.get(k) for k in (
                         "git_revision", "started", "updated", "wall_time_s", "hardware", "precision")},
                      **{k: meta[k] for k in ("timed", "paused_s", "paused_note") if k in meta}},
@@ -579,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                     u.publish_partial()
         text = campaign.status(jobs=max(2, args.jobs))
         if args.write:
-            (p.results / STATUS_FILE).write_text(text)
+            write_text(p.results / STATUS_FILE, text)
         print(text, end="")
         return 0
     if args.action == "run":

@@ -30,6 +30,7 @@ from pathlib import Path
 from scalebio.data import read_records
 from scalebio.evaluation import (evaluate, exact_match_task, load_model, response_loglik_task,
                                  write_task_yaml)
+from scalebio.files import write_text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,7 +47,7 @@ def questions_to_alpaca(src: str | Path, out: str | Path, question_field: str, a
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"instruction": r[question_field], "input": "", "output": r[answer_field]}, ensure_ascii=False)
              for r in read_records(Path(src))]
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(out, "\n".join(lines) + "\n")
     return out
 
 
@@ -62,7 +63,7 @@ def mt_bench_references_to_alpaca(mt_bench: str | Path, out: str | Path) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"instruction": questions[a["question_id"]]["turns"][0], "input": "",
                          "output": a["choices"][0]["turns"][0]}, ensure_ascii=False) for a in answers]
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(out, "\n".join(lines) + "\n")
     return out
 
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         merged["tasks"].update(online["tasks"])
         merged["n_samples"].update(online["n_samples"])
         merged["online_limit"] = args.online_limit
-        out.write_text(json.dumps(merged, indent=2) + "\n")
+        write_text(out, json.dumps(merged, indent=2) + "\n")
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .conventions import legacy_u_adam, resolve as resolve_conventions, resolve_u_adam
+from .files import write_text
 
 
 class ConfigError(ValueError):
@@ -498,7 +499,7 @@ def config_digest(cfg: RunConfig) -> str:
 
 def save_config(cfg: Any, path: Path) -> None:
     data = to_dict(cfg)
-    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:

@@ -130,6 +130,7 @@ def run_tokenizer(cfg: RunConfig, folder: Path, files: dict[str, dict], save: bo
     if save:
         def fill(tmp: Path) -> None:
             tok.save_pretrained(str(tmp))
+            # inside a temporary folder that replaces the target whole
             (tmp / TOKENIZER_STAMP).write_text(json.dumps({"data_digest": digest}) + "\n")
 
         replace_dir(folder, fill, "tokenizer")

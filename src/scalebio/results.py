@@ -627,7 +627,7 @@ def relativize(folder: str | Path, root: str | Path) -> None:
         if path.suffix in (".json", ".jsonl", ".yaml") and path.is_file():
             text = path.read_text()
             if prefix in text:
-                path.write_text(text.replace(prefix, ""))
+                write_text(path, text.replace(prefix, ""))
 
 
 RUN_FILES = ("config.yaml", "meta.json", "data.json", "metrics.jsonl", "weights.jsonl", "weights.json")
@@ -650,7 +650,7 @@ def copy_retrain_results(work: str | Path, out: str | Path, manifest: dict, root
     work, out = Path(work), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {k: v for k, v in manifest.items() if k != "weights_file"}
-    (out / "resample.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text(out / "resample.json", json.dumps(manifest, indent=2) + "\n")
     shutil.copy2(work / "finetune" / "metrics.jsonl", out / "finetune_metrics.jsonl")
     shutil.copy2(work / "eval.json", out / "eval.json")
     relativize(out, root)
