@@ -226,6 +226,39 @@ def test_config_digest_counts_u_adam_as_what_it_resolves_to():
     assert config_digest(cfg("scalebio", "auto")) != config_digest(cfg("scalebio", "plain"))
 
 
+DIGESTED_FIELDS = {
+    "seed", "model.name_or_path", "model.gguf_package", "model.gguf_file", "model.architecture", "model.dtype",
+    "model.gradient_checkpointing", "tokenizer.kind", "tokenizer.name_or_path", "tokenizer.vocab_size",
+    "tokenizer.chat_template", "data.root", "data.sources", "data.validation", "data.decontaminate_against",
+    "data.decontaminate", "data.max_length", "data.sampling", "data.prompt", "solver.steps", "solver.global_batch",
+    "solver.micro_batch", "solver.val_batch", "solver.lr_u", "solver.lr_w", "solver.lr_lambda", "solver.weight_decay_u",
+    "solver.weight_decay_w", "solver.weight_decay_lambda", "solver.betas", "solver.eps", "solver.warmup_ratio",
+    "solver.schedule", "solver.alpha", "solver.tau", "solver.outer_iterations", "solver.clip_grad_norm",
+    "solver.fused_w", "solver.gap_precision", "solver.conventions", "lisa.enabled", "lisa.gamma", "lisa.interval",
+    "lisa.shared", "lisa.keep_all_state", "checkpoint_every", "threads", "precision", "sharding"}
+"""The fields the committed runs' digests (Table 1 campaign, GPT-2 experiments) hash: a field added or removed since
+changes every digest, unless it is declared in config.LATER_FIELDS."""
+
+
+def test_a_new_config_field_does_not_change_the_committed_digests():
+    from scalebio.config import LATER_FIELDS, RunConfig, config_digest, to_dict
+
+    def names(d, prefix=""):
+        for k, v in d.items():
+            yield from names(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+
+    now = set(names(to_dict(RunConfig()))) - {"resume", "run_dir", "source_file"}
+    assert DIGESTED_FIELDS - now == set(), "a field was removed: every committed run's digest changes"
+    assert now - DIGESTED_FIELDS == set(LATER_FIELDS), (
+        "a field added to RunConfig changes every committed digest: declare it in config.LATER_FIELDS with the value "
+        "that does what the code did before it")
+    # The digest hashes exactly those fields: one of them changed changes it; at their defaults LATER_FIELDS' are out.
+    base = RunConfig()
+    other = RunConfig()
+    other.solver.eps = 1e-6
+    assert config_digest(other) != config_digest(base)
+
+
 def test_wall_time_survives_a_kill_and_counts_each_second_once(tmp_path):
     """meta.json's wall_time_s is written at every checkpoint: a run killed outright (no signal, so no last write)
     keeps the time up to its last checkpoint, which its resumed run adds to; and however often a process writes,
