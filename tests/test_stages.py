@@ -295,3 +295,27 @@ def test_a_signal_to_the_driver_reaches_the_units_in_flight_and_starts_nothing_n
         assert (tmp_path / f"{name}.ckpt").read_text() == "SIGUSR1"
         assert (tmp_path / f"{name}.partial").is_file()
     assert not (tmp_path / "c.start").exists()
+
+
+def test_a_unit_resumed_across_processes_records_the_wall_time_of_all(tmp_path):
+    """An arm stopped by a signal and continued later costs both processes: unit.json sums them (and the measured
+    speeds, the hours left, read that)."""
+    protocol = llama3_module("protocol")
+    p = protocol.Protocol(smoke=True, runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+    work = tmp_path / "runs" / "uniform_ft1"
+    now = time.time()
+    for spent in (600.0, 300.0):  # two processes stopped before the unit was done
+        with pytest.raises(KeyboardInterrupt):
+            with p._counted(work, now - spent):
+                raise KeyboardInterrupt
+    with p._counted(work, now - 60.0):  # the third finishes: nothing added to the earlier processes
+        pass
+    p._unit_file(work, "uniform_ft1", now - 60.0, {"arm": "uniform"})
+    record = json.loads((work / "unit.json").read_text())
+    assert record["processes"] == 3 and record["wall_time_s"] == pytest.approx(960.0, abs=5.0)
+    assert record["started"] < record["finished"] and record["arm"] == "uniform"
+    fresh = tmp_path / "runs" / "uniform_ft2"  # one process: its own time, no count of processes
+    fresh.mkdir(parents=True)
+    p._unit_file(fresh, "uniform_ft2", now - 60.0)
+    record = json.loads((fresh / "unit.json").read_text())
+    assert "processes" not in record and record["wall_time_s"] == pytest.approx(60.0, abs=5.0)

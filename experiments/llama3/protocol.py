@@ -39,6 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from scalebio.config import load_config, to_dict
@@ -86,6 +88,8 @@ step with 48 + 8 sequences (measured on 2026-12-04: 141–145 s per step for eac
 with AVX-512 BF16, fp32), an arm (250 fine-tuning steps at ≈ 12 s plus an evaluation), the base evaluation (8.6 min,
 results/llama3/protocol/base). Once a unit of a kind has finished, its unit.json wall time is used instead."""
 UNIT_FILE = "unit.json"
+EARLIER_FILE = "earlier_processes.json"
+"""In a unit's work folder: the wall time of its processes that stopped before it was done (a signal, an error)."""
 CAMPAIGN_FILE = "campaign.json"
 STATUS_FILE = "STATUS.md"
 IGNORED_SETTINGS = {"seed", "run_dir", "output_dir", "resume", "source_file", "threads"}
@@ -234,7 +238,34 @@ class Protocol:
             relativize(out, root)
 
     def _unit_file(self, work: Path, name: str, started: float, extra: dict | None = None) -> None:
-        write_text(work / UNIT_FILE, json.dumps(unit_record(name, started, extra), indent=2) + "\n")
+        """unit.json: this process's record, its wall time summed with the unit's earlier processes' (EARLIER_FILE:
+        a unit resumed across sessions costs all of them; a process killed outright, SIGKILL, is not counted)."""
+        record = unit_record(name, started, extra)
+        earlier = self._earlier(work)
+        if earlier["processes"]:
+            record.update(started=earlier["started"], processes=earlier["processes"] + 1,
+                          wall_time_s=round(record["wall_time_s"] + earlier["wall_time_s"], 1))
+        write_text(work / UNIT_FILE, json.dumps(record, indent=2) + "\n")
+
+    @staticmethod
+    def _earlier(work: Path) -> dict:
+        f = work / EARLIER_FILE
+        return json.loads(f.read_text()) if f.is_file() else {"processes": 0, "wall_time_s": 0.0, "started": None}
+
+    @contextmanager
+    def _counted(self, work: Path, started: float):
+        """Around a unit's run: a process that stops before the unit is done adds its wall time to EARLIER_FILE."""
+        try:
+            yield
+        except BaseException:
+            earlier = self._earlier(work)
+            work.mkdir(parents=True, exist_ok=True)
+            write_text(work / EARLIER_FILE, json.dumps({
+                "processes": earlier["processes"] + 1,
+                "wall_time_s": round(earlier["wall_time_s"] + time.time() - started, 1),
+                "started": earlier["started"] or datetime.fromtimestamp(started, timezone.utc).isoformat(
+                    timespec="seconds")}, indent=2) + "\n")
+            raise
 
     def pool_unit(self) -> Unit:
         def run():
@@ -322,13 +353,14 @@ class Protocol:
             from scalebio.models import build_model, load_tokenizer, special_token_ids
 
             started = time.time()
-            if cfg.threads:
-                torch.set_num_threads(cfg.threads)
-            tok = load_tokenizer(cfg)
-            model = build_model(cfg.model, vocab_size=len(tok), seed=0, token_ids=special_token_ids(tok)).eval()
-            work.mkdir(parents=True, exist_ok=True)
-            evaluate_model(model, tok, work / "eval.json", self.runs / "eval_tasks", cfg.data.max_length,
-                           self.extra["eval"])
+            with self._counted(work, started):
+                if cfg.threads:
+                    torch.set_num_threads(cfg.threads)
+                tok = load_tokenizer(cfg)
+                model = build_model(cfg.model, vocab_size=len(tok), seed=0, token_ids=special_token_ids(tok)).eval()
+                work.mkdir(parents=True, exist_ok=True)
+                evaluate_model(model, tok, work / "eval.json", self.runs / "eval_tasks", cfg.data.max_length,
+                               self.extra["eval"])
             self._unit_file(work, "base", started)
 
         def publish():
@@ -373,15 +405,17 @@ class Protocol:
 
         def run():
             started = time.time()
-            ft = self.finetune_config(work, i)
-            pool = self.source_pool()
-            pool = {k: v for k, v in pool.items() if k not in spec["exclude"]}
-            resample(weights, pool, self.extra["n"], i, work / "train.jsonl")
-            model_dir = finished_run(ft) or finetune(ft, progress=sys.stderr.isatty())  # stopped while evaluating
-            from scalebio.evaluation import load_model
+            with self._counted(work, started):
+                ft = self.finetune_config(work, i)
+                pool = self.source_pool()
+                pool = {k: v for k, v in pool.items() if k not in spec["exclude"]}
+                resample(weights, pool, self.extra["n"], i, work / "train.jsonl")
+                model_dir = finished_run(ft) or finetune(ft, progress=sys.stderr.isatty())  # stopped while evaluating
+                from scalebio.evaluation import load_model
 
-            model, tok = load_model(str(model_dir), device="cpu")
-            evaluate_model(model, tok, work / "eval.json", self.runs / "eval_tasks", ft.max_length, self.extra["eval"])
+                model, tok = load_model(str(model_dir), device="cpu")
+                evaluate_model(model, tok, work / "eval.json", self.runs / "eval_tasks", ft.max_length,
+                               self.extra["eval"])
             self._unit_file(work, name, started, {"arm": method, "finetune_seed": i,
                                                   **({"reweight_seed": rw_seed} if weights else {})})
 
