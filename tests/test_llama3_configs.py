@@ -379,6 +379,23 @@ def test_protocol_pipeline_smoke(tmp_path):
         shutil.rmtree(tmp_path / "runs" / name)
     protocol.run(smoke=True, runs_root=tmp_path / "runs", results_root=results)
     assert (out / "learned_ft0" / "eval.json").read_bytes() == first[Path("learned_ft0/eval.json")]
+    # A weights file published again with other provenance text (a path made relative) leaves its learned arm
+    # done, since the draw depends on the weights alone; other weights do not.
+    weights_file = out / "reweight_seed0" / "weights.json"
+    record = json.loads(weights_file.read_text())
+    record["provenance"]["config_file"] = "elsewhere/protocol_smollm2.yaml"
+    weights_file.write_text(json.dumps(record, indent=2))
+
+    def learned_ft0_state():
+        p = protocol.Protocol(smoke=True, runs_root=tmp_path / "runs", results_root=results)
+        return {s.name: s.state for s in p.campaign().states()}["learned_ft0"]
+
+    assert learned_ft0_state() == "done"
+    source = sorted(record["weights"])[0]
+    record["weights"][source] += 1e-6
+    weights_file.write_text(json.dumps(record, indent=2))
+    assert learned_ft0_state() != "done"
+    weights_file.write_bytes(first[Path("reweight_seed0/weights.json")])
     # ... but not when the campaign recomputes everything (make reproduce-llama3-offline).
     p = protocol.Protocol(smoke=True, runs_root=tmp_path / "runs", results_root=results, recompute=True)
     states = {s.name: s.state for s in p.campaign().states()}
