@@ -983,3 +983,17 @@ def test_22_1_finetune_two_ranks_resume_bit_identically(tmp_path, mode, port):
     assert (out / "metrics.jsonl").read_bytes() == (tmp_path / "ref" / "out" / "metrics.jsonl").read_bytes()
     mine, theirs = (load_file(str(d / "model" / "model.safetensors")) for d in (out, tmp_path / "ref" / "out"))
     assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def test_an_atomic_write_gets_the_usual_file_mode(tmp_path):
+    """files.write_text goes through a private temporary file (mkstemp: 0600); the file it leaves is readable as any
+    file written under the process's umask would be, not owner-only."""
+    from scalebio.files import write_text
+
+    umask = os.umask(0o022)
+    try:
+        path = write_text(tmp_path / "out" / "summary.json", "{}\n")
+    finally:
+        os.umask(umask)
+    assert path.read_text() == "{}\n" and (path.stat().st_mode & 0o777) == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["summary.json"]  # no temporary file left
