@@ -39,18 +39,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 from scalebio.config import load_config, to_dict
-from scalebio.files import write_text
+from scalebio.files import file_sha256, write_text
 from scalebio.finetune import FinetuneConfig, finetune, finished_run
 from scalebio.resample import pool_from_run, resample
 from scalebio.results import RUN_FILES, RunInterrupted, copy_retrain_results, relativize
 from scalebio.reproduce import Claim, arm_finished, reproduce_report
 from scalebio.reweight import run_reweight
-from scalebio.stages import ABSENT, Campaign, CampaignStopped, Unit, settings_diff, unit_record
+from scalebio.stages import ABSENT, Campaign, CampaignStopped, Unit, counted, settings_diff, unit_record
 
 if __name__ == "__main__" and not __package__:  # run by its path: run it as the module it is (scalebio.scripts)
     from scalebio.scripts import run_as_module
@@ -88,8 +86,6 @@ step with 48 + 8 sequences (measured on 2026-12-04: 141–145 s per step for eac
 with AVX-512 BF16, fp32), an arm (250 fine-tuning steps at ≈ 12 s plus an evaluation), the base evaluation (8.6 min,
 results/llama3/protocol/base). Once a unit of a kind has finished, its unit.json wall time is used instead."""
 UNIT_FILE = "unit.json"
-EARLIER_FILE = "earlier_processes.json"
-"""In a unit's work folder: the wall time of its processes that stopped before it was done (a signal, an error)."""
 CAMPAIGN_FILE = "campaign.json"
 STATUS_FILE = "STATUS.md"
 IGNORED_SETTINGS = {"seed", "run_dir", "output_dir", "resume", "source_file", "threads"}
@@ -238,34 +234,10 @@ class Protocol:
             relativize(out, root)
 
     def _unit_file(self, work: Path, name: str, started: float, extra: dict | None = None) -> None:
-        """unit.json: this process's record, its wall time summed with the unit's earlier processes' (EARLIER_FILE:
-        a unit resumed across sessions costs all of them; a process killed outright, SIGKILL, is not counted)."""
-        record = unit_record(name, started, extra)
-        earlier = self._earlier(work)
-        if earlier["processes"]:
-            record.update(started=earlier["started"], processes=earlier["processes"] + 1,
-                          wall_time_s=round(record["wall_time_s"] + earlier["wall_time_s"], 1))
-        write_text(work / UNIT_FILE, json.dumps(record, indent=2) + "\n")
+        """unit.json: when, where and at which revision the unit ran, its wall time summed over its processes."""
+        write_text(work / UNIT_FILE, json.dumps(unit_record(name, started, extra, work=work), indent=2) + "\n")
 
-    @staticmethod
-    def _earlier(work: Path) -> dict:
-        f = work / EARLIER_FILE
-        return json.loads(f.read_text()) if f.is_file() else {"processes": 0, "wall_time_s": 0.0, "started": None}
-
-    @contextmanager
-    def _counted(self, work: Path, started: float):
-        """Around a unit's run: a process that stops before the unit is done adds its wall time to EARLIER_FILE."""
-        try:
-            yield
-        except BaseException:
-            earlier = self._earlier(work)
-            work.mkdir(parents=True, exist_ok=True)
-            write_text(work / EARLIER_FILE, json.dumps({
-                "processes": earlier["processes"] + 1,
-                "wall_time_s": round(earlier["wall_time_s"] + time.time() - started, 1),
-                "started": earlier["started"] or datetime.fromtimestamp(started, timezone.utc).isoformat(
-                    timespec="seconds")}, indent=2) + "\n")
-            raise
+    _counted = staticmethod(counted)
 
     def pool_unit(self) -> Unit:
         def run():
@@ -398,8 +370,6 @@ class Protocol:
                 return False
             if weights is None:
                 return True
-            from scalebio.files import file_sha256
-
             if not weights.is_file():
                 return False
             drawn = json.loads((out / "resample.json").read_text())

@@ -17,6 +17,7 @@ which is how two one-thread streams share a 2-core machine; with ``jobs == 1`` u
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -25,6 +26,7 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -333,15 +335,52 @@ class Campaign:
                         u.publish_partial()
 
 
-def unit_record(name: str, started: float, extra: dict | None = None) -> dict:
-    """What a finished unit writes beside its results: when and where it ran, and the code revision."""
+EARLIER_FILE = "earlier_processes.json"
+"""In a unit's work folder: the wall time of its processes that stopped before it was done (a signal, an error)."""
+
+
+def earlier_processes(work: Path) -> dict:
+    """What the unit's processes that stopped before it was done recorded (``counted``); zeros when none did."""
+    f = Path(work) / EARLIER_FILE
+    return json.loads(f.read_text()) if f.is_file() else {"processes": 0, "wall_time_s": 0.0, "started": None}
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
+@contextmanager
+def counted(work: Path, started: float):
+    """Around a unit's run: a process that stops before the unit is done (a signal, an error) adds its wall time to
+    the work folder's EARLIER_FILE, so that the unit's record counts every process a resumed unit took."""
+    try:
+        yield
+    except BaseException:
+        from .files import write_text
+
+        earlier = earlier_processes(work)
+        write_text(Path(work) / EARLIER_FILE, json.dumps({
+            "processes": earlier["processes"] + 1,
+            "wall_time_s": round(earlier["wall_time_s"] + time.time() - started, 1),
+            "started": earlier["started"] or _iso(started)}, indent=2) + "\n")
+        raise
+
+
+def unit_record(name: str, started: float, extra: dict | None = None, work: Path | None = None) -> dict:
+    """What a finished unit writes beside its results: when and where it ran, and the code revision. Given its work
+    folder, the wall time and start are summed over the unit's earlier processes (``counted``); a process killed
+    outright (SIGKILL) is not counted."""
     from .precision import cpu_bf16_flags
     from .results import git_revision
 
-    return {"unit": name, "git_revision": git_revision(), "host": socket.gethostname(),
-            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "wall_time_s": round(time.time() - started, 1), "cpu_bf16_flags": list(cpu_bf16_flags()), **(extra or {})}
+    record = {"unit": name, "git_revision": git_revision(), "host": socket.gethostname(), "started": _iso(started),
+              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "wall_time_s": round(time.time() - started, 1), "cpu_bf16_flags": list(cpu_bf16_flags()), **(extra or {})}
+    earlier = earlier_processes(work) if work is not None else {"processes": 0}
+    if earlier["processes"]:
+        record.update(started=earlier["started"], processes=earlier["processes"] + 1,
+                      wall_time_s=round(record["wall_time_s"] + earlier["wall_time_s"], 1))
+    return record
 
 
 ABSENT = "<absent>"
