@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The precision benchmark and the step profile on a CUDA GPU (full shapes, bf16): writes
-# results/bench/gpu_precision.json and results/bench/gpu_profile.json in at most 8 minutes.
+# The precision benchmark and the step profile on a CUDA GPU (full shapes, bf16), then the spread of 30-step
+# reweighting runs per precision (benchmarks/reweight_spread.py, seed 0): writes results/bench/gpu_precision.json,
+# gpu_profile.json and gpu_reweight_spread.json in at most 8 + 4 minutes (measured on an H200: 3 + 3).
 #
 #     bash benchmarks/gpu_check.sh [OUT]          # OUT defaults to results/bench; PY picks the interpreter
 #
@@ -26,3 +27,6 @@ if [ ! -f data/llama3/pool/manifest.json ] && [ -d ../shared/data ]; then
     "$PY" experiments/llama3/build_pool.py --out data/llama3/pool
 fi
 timeout "$LIMIT_S" "$PY" -m benchmarks.run --device cuda --only precision profile --out "$OUT" --figures ''
+REV=$(git rev-parse --short HEAD 2>/dev/null || echo "an unknown revision")
+timeout "${SPREAD_LIMIT_S:-240}" "$PY" -m benchmarks.reweight_spread --seeds 0 --out "$OUT/gpu_reweight_spread.json" \
+    --label "$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))'), gpu_check.sh at $REV"

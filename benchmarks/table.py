@@ -190,8 +190,15 @@ def u_eps_lines(folder: Path) -> list[str]:
     return table_lines(folder)
 
 
+def spread_lines(folder: Path) -> list[str]:
+    """benchmarks/reweight_spread.py's table, when a results/bench/*reweight_spread*.json exists."""
+    from .reweight_spread import table_lines
+
+    return table_lines(folder)
+
+
 BLOCKS = {"bench-table": lambda folder: lines(folder) + ([""] + precision_lines(folder) if precision_lines(folder) else []),
-          "bench-profile": profile_lines, "bench-u-eps": u_eps_lines}
+          "bench-profile": profile_lines, "bench-u-eps": u_eps_lines, "bench-spread": spread_lines}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -199,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default="results/bench")
     parser.add_argument("--update", nargs="*", default=[], metavar="MARKDOWN",
                         help="replace the blocks between <!-- bench-table:start --> and <!-- bench-table:end --> "
-                             "(and bench-profile, bench-u-eps, where a file has them) in these files")
+                             "(and bench-profile, bench-u-eps, bench-spread, where a file has them) in these files")
     args = parser.parse_args(argv)
     tables = {name: "\n".join(make(Path(args.results))) + "\n" for name, make in BLOCKS.items()}
     if not args.update:

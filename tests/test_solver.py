@@ -180,3 +180,75 @@ def different_batches_factory(**kw):
 def test_broken_variants_are_caught(factory):
     results = {"formula": formula_holds(factory), "sum_zero": sums_to_zero(factory), "stays_uniform": stays_uniform(factory)}
     assert not all(results.values()), results
+
+
+# -- step 0: the gap of two copies of one model is exactly 0 (solver module docstring) ----------------------------
+class ShapeRounding(SquaredLossObjective):
+    """w's per-example losses off by one part in 10^6, as a GPU's shape-dependent kernels round w's pass on V ∪ B
+    differently from u's pass on B (fp32 on an H200: a few 1e-7); α·p·gap stays far above Adam's eps."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def per_example_loss(self, model, batch):
+        ell = super().per_example_loss(model, batch)
+        return ell * (1 + 1e-6) if model is self.w else ell
+
+
+def _first_steps(u, w, steps=2):
+    solver = ScaleBiO(u, w, ShapeRounding(w), K, SolverConfig(alpha=10.0, lr_u=1e-2, lr_w=1e-2, lr_lambda=0.1))
+    lams, stats = [], []
+    for i in range(steps):
+        stats.append(solver.step([make_batch(10 + i)], [make_batch(20 + i, (1, 1, 1))]))
+        lams.append(solver.lam.detach().clone())
+    return solver, lams, stats
+
+
+def _twins(dropout: float = 0.0):
+    torch.manual_seed(0)
+    u = LinearModel(D)
+    with torch.no_grad():
+        u.weight.normal_()
+    if dropout:
+        u.drop = torch.nn.Dropout(dropout)  # not in the forward: only what has_dropout sees
+    return u, copy.deepcopy(u)
+
+
+def test_first_step_gap_is_exact_for_two_copies():
+    """u = w, no dropout: λ does not move at step 0 although w's computed losses differ from u's by rounding
+    (AdamW's first step is ≈ lr·sign(g) when |g| ≫ eps: that rounding alone would move λ by a whole step); the logged losses are the
+    computed ones, and from step 1 on the computed gap moves λ."""
+    solver, lams, stats = _first_steps(*_twins())
+    assert solver.exact_first_gap
+    assert torch.equal(lams[0], torch.zeros(K, dtype=torch.float64))
+    assert stats[0].source_loss_w != stats[0].source_loss_u
+    assert lams[1].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", ["w_differs", "dropout"])
+def test_first_step_gap_is_computed_when_not_two_deterministic_copies(case):
+    """w not a copy of u, or a model with dropout (each pass draws its own masks: the gap is a sample, kept as the
+    released code keeps it): step 0's computed gap moves λ."""
+    u, w = _twins(dropout=0.1 if case == "dropout" else 0.0)
+    if case == "w_differs":
+        with torch.no_grad():
+            w.weight.add_(1e-3)
+    solver, lams, _ = _first_steps(u, w, steps=1)
+    assert not solver.exact_first_gap
+    assert lams[0].abs().max() > 1e-3
+
+
+def test_has_dropout_reads_modules_and_config():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from scalebio.solver import has_dropout
+
+    small = dict(vocab_size=64)
+    gpt2 = dict(n_layer=1, n_embd=16, n_head=2, n_positions=32, **small)
+    llama = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, **small)
+    assert has_dropout(GPT2LMHeadModel(GPT2Config(**gpt2)))
+    assert not has_dropout(GPT2LMHeadModel(GPT2Config(**gpt2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                                      summary_first_dropout=0.0)))
+    assert not has_dropout(LlamaForCausalLM(LlamaConfig(**llama)))
+    assert has_dropout(LlamaForCausalLM(LlamaConfig(**llama, attention_dropout=0.1)))  # no module: the config says it

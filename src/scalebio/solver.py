@@ -18,6 +18,14 @@ what u's Adam steps on) is one object chosen once (scalebio.conventions); ``step
 Precision (scalebio.precision): u and w train as fp32 master weights whatever dtype they were loaded in; under
 bf16 the gradient passes run in autocast and, by default (``solver.gap_precision: fp32``), the per-source losses
 that move λ are recomputed by fp32 forwards without gradients, at the same (u, w) as the gradients.
+
+The first step of a run whose u and w start as one model (a copy, checked bit for bit) and whose forward is
+deterministic (no dropout) gives λ the gap's exact value, 0, not the difference of two passes: u's pass on B and w's
+pass on V ∪ B (or on B again) then compute the same function, but on a GPU the kernels, and so the rounding, depend
+on the batch's shape, and AdamW's first step is ≈ η_λ·sign(g) whatever |g| is, so a gap of 1e-7 rounding would move
+λ by a full step (measured on an H200: ``results/bench/gpu_reweight_spread.json``). The logged losses stay the
+computed ones. With dropout the two passes draw different masks: their difference is a real sample of a quantity
+with mean 0, and is kept, as in the released code.
 """
 
 from __future__ import annotations
@@ -176,6 +184,26 @@ def w_pass_losses(objective: Objective, model: nn.Module, val: Batch | None,
     return val_sum, per_example
 
 
+def has_dropout(model: nn.Module) -> bool:
+    """Whether the model's training forward is random: a dropout module with p > 0, or a config field named
+    ``*dropout*`` / ``*pdrop*`` above 0 (attention dropout inside Hugging Face attention functions has no module)."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    fields = config.to_dict() if hasattr(config, "to_dict") else {}
+    return any(("dropout" in key or "pdrop" in key) and isinstance(value, (int, float)) and not isinstance(value, bool)
+               and value > 0 for key, value in fields.items())
+
+
+def same_parameters(u: nn.Module, w: nn.Module) -> bool:
+    """Whether u and w hold bit-identical parameters, on every rank (each compares its own shards)."""
+    local = lambda t: t.to_local() if precision._is_dtensor(t) else t  # noqa: E731
+    pairs = list(zip(u.parameters(), w.parameters()))
+    same = len(pairs) == len(list(w.parameters())) and all(
+        a.shape == b.shape and torch.equal(local(a.detach()), local(b.detach())) for a, b in pairs)
+    return bool(all_reduce(torch.tensor(float(same))).item() == world_size())
+
+
 @dataclass
 class StepStats:
     val_loss: float
@@ -216,6 +244,8 @@ class ScaleBiO:
         self.step_index = 0
         u.train()
         w.train()
+        # Whether step 0's gap is exactly 0 (module docstring): u and w equal on every rank, no dropout.
+        self.exact_first_gap = same_parameters(u, w) and not has_dropout(u)
 
     # -- schedule and LISA -----------------------------------------------------------------------------------
     def set_schedule(self, shape: float, alpha: float) -> None:
@@ -297,7 +327,9 @@ class ScaleBiO:
         mean_u, mean_w = norm.source_means(sums_u, totals), norm.source_means(sums_w, totals)
 
         # λ: α [∇λ L2(λ, w; B) − ∇λ L2(λ, u; B)]                              (method.md §3, line 3)
-        self.lambda_objective(mean_w, mean_u).backward()
+        # At step 0 of a run that starts with u = w and no dropout the gap is exactly 0 (module docstring).
+        first_exact = step == 0 and self.exact_first_gap
+        self.lambda_objective(mean_u if first_exact else mean_w, mean_u).backward()
 
         # w and λ step on gradients taken at the same (u, w, λ) as u's. w's loss is L1 + α L2: its gradient is
         # clipped at α·c, i.e. at c on ∇(L1/α + L2), as the released code (method.md §3).
