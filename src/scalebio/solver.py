@@ -22,8 +22,8 @@ that move λ are recomputed by fp32 forwards without gradients, at the same (u, 
 The first step of a run whose u and w start as one model (a copy, checked bit for bit) and whose forward is
 deterministic (no dropout) gives λ the gap's exact value, 0, not the difference of two passes: u's pass on B and w's
 pass on V ∪ B (or on B again) then compute the same function, but on a GPU the kernels, and so the rounding, depend
-on the batch's shape, and AdamW's first step is ≈ η_λ·sign(g) whatever |g| is, so a gap of 1e-7 rounding would move
-λ by a full step (measured on an H200: ``results/bench/gpu_reweight_spread.json``). The logged losses stay the
+on the batch's shape, and AdamW's first step is ≈ η_λ·sign(g) whenever |g| ≫ eps, so a gap of 1e-7 rounding would
+move λ by a full step (measured on an H200: ``results/bench/gpu_reweight_spread.json``). The logged losses stay the
 computed ones. With dropout the two passes draw different masks: their difference is a real sample of a quantity
 with mean 0, and is kept, as in the released code.
 """
@@ -198,9 +198,9 @@ def has_dropout(model: nn.Module) -> bool:
 def same_parameters(u: nn.Module, w: nn.Module) -> bool:
     """Whether u and w hold bit-identical parameters, on every rank (each compares its own shards)."""
     local = lambda t: t.to_local() if precision._is_dtensor(t) else t  # noqa: E731
-    pairs = list(zip(u.parameters(), w.parameters()))
-    same = len(pairs) == len(list(w.parameters())) and all(
-        a.shape == b.shape and torch.equal(local(a.detach()), local(b.detach())) for a, b in pairs)
+    ps, qs = list(u.parameters()), list(w.parameters())
+    same = len(ps) == len(qs) and all(
+        a.shape == b.shape and torch.equal(local(a.detach()), local(b.detach())) for a, b in zip(ps, qs))
     return bool(all_reduce(torch.tensor(float(same))).item() == world_size())
 
 
