@@ -179,7 +179,7 @@ def table_lines(folder: Path) -> list[str]:
             cmp = [summary["per_seed"].get(s, {}).get(mode) for s in seeds]
             out.append(f"| {label(stem, record)}: {MODE_LABELS[mode]} vs fp32 | "
                        + _cell([c and c["final_l1"] for c in cmp]) + " |")
-            out.append(f"| … of which after step 0 | " + _cell([c and c["l1_per_step"][0] for c in cmp]) + " |")
+            out.append(f"| … the L1 already after step 0 | " + _cell([c and c["l1_per_step"][0] for c in cmp]) + " |")
         for pair, value in summary["between_seeds_fp32_l1"].items():
             a, b = pair.split("-")
             out.append(f"| {label(stem, record)}: fp32, seed {a} vs seed {b} | "
