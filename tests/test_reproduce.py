@@ -208,9 +208,9 @@ def test_llama3_offline_claims(tmp_path):
     repo = _results_checkout(tmp_path, "results/llama3/offline")
     folder = repo / "results/llama3/offline"
     before = {c.key: c for c in offline.claims(folder)}
-    assert before["learned_beats_uniform/llama3_test"].holds is False  # 1.966 vs 1.967: a tie
+    assert before["learned_beats_uniform/llama3_test"].holds is False  # 1.964 vs 1.969: a tie (inside the seed spread)
     assert before["beats_base/llama3_test"].holds is True
-    assert before["weights"].holds is None and before["weights"].value.startswith("alpaca 0.205 > ")
+    assert before["weights"].holds is None and before["weights"].value.startswith("alpaca 0.204 > ")
     for seed in (0, 1):
         f = folder / f"learned_seed{seed}" / "eval.json"
         ev = json.loads(f.read_text())
