@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import llama3_module
-from scalebio.stages import ABSENT, Campaign, Unit, UnitFailed, makespan_s, settings_diff
+from scalebio.stages import ABSENT, Campaign, Unit, UnitFailed, counted, makespan_s, settings_diff
 
 
 def _file_unit(root: Path, name: str, needs=(), estimate_s=3600.0, log=None) -> Unit:
@@ -306,9 +306,9 @@ def test_a_unit_resumed_across_processes_records_the_wall_time_of_all(tmp_path):
     now = time.time()
     for spent in (600.0, 300.0):  # two processes stopped before the unit was done
         with pytest.raises(KeyboardInterrupt):
-            with p._counted(work, now - spent):
+            with counted(work, now - spent):
                 raise KeyboardInterrupt
-    with p._counted(work, now - 60.0):  # the third finishes: nothing added to the earlier processes
+    with counted(work, now - 60.0):  # the third finishes: nothing added to the earlier processes
         pass
     p._unit_file(work, "uniform_ft1", now - 60.0, {"arm": "uniform"})
     record = json.loads((work / "unit.json").read_text())

@@ -237,7 +237,6 @@ class Protocol:
         """unit.json: when, where and at which revision the unit ran, its wall time summed over its processes."""
         write_text(work / UNIT_FILE, json.dumps(unit_record(name, started, extra, work=work), indent=2) + "\n")
 
-    _counted = staticmethod(counted)
 
     def pool_unit(self) -> Unit:
         def run():
@@ -325,7 +324,7 @@ class Protocol:
             from scalebio.models import build_model, load_tokenizer, special_token_ids
 
             started = time.time()
-            with self._counted(work, started):
+            with counted(work, started):
                 if cfg.threads:
                     torch.set_num_threads(cfg.threads)
                 tok = load_tokenizer(cfg)
@@ -381,7 +380,7 @@ class Protocol:
 
         def run():
             started = time.time()
-            with self._counted(work, started):
+            with counted(work, started):
                 ft = self.finetune_config(work, i)
                 pool = self.source_pool()
                 pool = {k: v for k, v in pool.items() if k not in spec["exclude"]}

@@ -14,6 +14,15 @@ from pathlib import Path
 from typing import Callable
 
 
+def _process_umask() -> int:
+    umask = os.umask(0)  # reading it means setting it: done once, at import, before any thread writes
+    os.umask(umask)
+    return umask
+
+
+_FILE_MODE = 0o666 & ~_process_umask()
+
+
 def write_text(path: str | Path, text: str, before_replace: Callable[[], None] | None = None) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically, creating its folder; ``before_replace()`` runs just before
     the rename. Returns the path."""
@@ -21,9 +30,7 @@ def write_text(path: str | Path, text: str, before_replace: Callable[[], None] |
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600): the result gets a file's usual mode
+        os.chmod(tmp, _FILE_MODE)  # mkstemp's file is private (0600): the result gets a file's usual mode
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
