@@ -176,6 +176,9 @@ def machine_info() -> dict:
         info["cpu_model"] = names[0] if names else None
     except OSError:
         info["cpu_model"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_bf16"] = torch.cuda.is_bf16_supported()
     try:
         info["load_average"] = list(os.getloadavg())
     except OSError:

@@ -59,6 +59,14 @@ def _value(entry: dict, full_shape: list[int]) -> str:
     return text
 
 
+def _units_evidence(res: dict) -> str:
+    """What says a device has bf16 units: the CPU's flags, or for a GPU its measured peaks (the host CPU's flags,
+    also recorded, say nothing about the GPU)."""
+    if res.get("device", "cpu") == "cpu":
+        return ", ".join(res["cpu_bf16_flags"]) or "none"
+    return f"{res['device']}, measured peaks"
+
+
 def precision_lines(folder: Path) -> list[str]:
     """The precision table: one column per CPU thread count (and the GPU run when there is one); the verdicts
     judge each device's headline thread count."""
@@ -75,8 +83,8 @@ def precision_lines(folder: Path) -> list[str]:
     out = [f"| precision: SmolLM2-135M, B = V = 8×128 unless noted, LISA γ = 4 (median [IQR]) | "
            f"{' | '.join(label for label, _, _ in runs)} | target: {' / '.join(d for d, _ in judged)} |",
            "|---|" + "---|" * len(runs) + "---|"]
-    out.append("| bf16 matrix units (CPU flags; `auto` →) | " + " | ".join(
-        f"{'yes' if res['bf16_units'] else 'no'} ({', '.join(res['cpu_bf16_flags']) or 'none'}; {res['precision_auto']})"
+    out.append("| bf16 matrix units (CPU flags, or the GPU's measured peaks; `auto` →) | " + " | ".join(
+        f"{'yes' if res['bf16_units'] else 'no'} ({_units_evidence(res)}; {res['precision_auto']})"
         for _, res, _ in runs) + " | – |")
     out.append("| matmul peak GFLOP/s, fp32 / bf16 | " + " | ".join(
         f"{d['peaks']['fp32']['gflops']:.0f} / {d['peaks']['bf16']['gflops']:.1f}" for d in detail) + " | – |")

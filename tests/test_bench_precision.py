@@ -120,6 +120,12 @@ def test_table_rows_follow_the_results(smoke, tmp_path):
     assert rows["MFU of the SFT step, bf16 (6·N·tokens ÷ time ÷ bf16 matmul peak)"].endswith("≥ 0.4: MISSED |")
     assert "not measured: " in rows["‖p_bf16 − p_fp32‖₁ after 30 reweighting steps, same seed (bf16 with λ's losses in fp32)"]
     assert len(rows["SFT step, bf16 ÷ fp32"].split(" | ")) == 4  # label, 1 thread, 2 threads, target
+    # A GPU column says its bf16 units from the GPU's peaks, never from the host CPU's flags (also recorded).
+    gpu = json.loads(json.dumps(data))
+    gpu["results"].update(device="cuda", cpu_bf16_flags=["amx_bf16"], headline_threads=1)
+    (tmp_path / "gpu_precision.json").write_text(json.dumps(gpu))
+    units = next(line for line in table.precision_lines(tmp_path) if line.startswith("| bf16 matrix units"))
+    assert units.split(" | ")[-2].startswith(("yes (cuda, measured peaks;", "no (cuda, measured peaks;"))
     # The profile runs in the precision `auto` gives (fp32 under the suite's SCALEBIO_CPU_AUTO; bf16 with AVX-512 BF16
     # or AMX otherwise): the heading follows what profile.json recorded, checked for both values so the verdict is
     # the same on every CPU.

@@ -227,6 +227,34 @@ def test_7_temporaries_of_a_killed_save_are_removed_on_start(tmp_path):
     assert keep.read_text() == "mine"
 
 
+def test_7_another_ranks_cleanup_cannot_take_the_write_probe(tmp_path, monkeypatch):
+    """On two ranks, rank 0 clears ``.*.tmp`` while rank 1 probes the folder's writability (CI saw rank 1 fail
+    with "not writable (No such file or directory)"). The cleanup is made to run inside the probe."""
+    folder = tmp_path / "out"
+    rank0 = RunDir(folder)
+    real = tempfile.mkstemp
+
+    def probe_then_cleanup(*a, **k):
+        made = real(*a, **k)
+        rank0.remove_temporaries()
+        return made
+
+    monkeypatch.setattr(tempfile, "mkstemp", probe_then_cleanup)
+    RunDir(folder)  # rank 1: must not fail
+    monkeypatch.undo()
+    assert not list(folder.glob(".write_probe.*"))
+    # rank 0's clear() removes checkpoints/ between rank 1's look at it and its probe there
+    (folder / "checkpoints").mkdir()
+
+    def clear_then_probe(*a, **k):
+        if Path(k["dir"]).name == "checkpoints":
+            rank0.clear()
+        return real(*a, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", clear_then_probe)
+    RunDir(folder)
+
+
 # -- 8. meta.json after a failure -----------------------------------------------------------------------------
 
 

@@ -260,6 +260,8 @@ def _train(cfg: FinetuneConfig, progress: bool, signals: SignalWatch) -> Path:
             (run.path / "metrics.jsonl").unlink(missing_ok=True)
         else:
             run.truncate_logs(resume["step"])
+    if world > 1:  # the other ranks start once rank 0 has cleared and truncated
+        torch.distributed.barrier()
     tokenizer = load_tokenizer(cfg)  # type: ignore[arg-type]  (same fields as RunConfig's)
     train = data_mod.build_mixed_set(cfg.train, cfg, tokenizer, cfg.max_length)  # type: ignore[arg-type]
     examples = train.examples

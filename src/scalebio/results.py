@@ -504,10 +504,17 @@ class RunDir:
 
     @staticmethod
     def _check_writable(folder: Path) -> None:
+        # The probe's name must not match remove_temporaries' ``.*.tmp``: on several ranks, rank 0 clears
+        # temporaries while the others construct their RunDir, and would delete a probe before its owner does.
         try:
-            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_probe.", suffix=".tmp")
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_probe.", suffix=".probe")
             os.close(fd)
             os.unlink(probe)
+        except FileNotFoundError:
+            if not folder.exists():  # rank 0 removed it meanwhile (RunDir.clear): it is made again when needed
+                return
+            raise RunDirError(f"{folder}: not writable (No such file or directory); fix its permissions or choose "
+                              f"another run_dir") from None
         except OSError as e:
             raise RunDirError(f"{folder}: not writable ({e.strerror or e}); fix its permissions or choose another "
                               f"run_dir") from None
