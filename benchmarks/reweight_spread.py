@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from scalebio.config import load_config
-from scalebio.results import write_json
+from scalebio.results import read_jsonl, write_json
 
 from .common import machine_info
 
@@ -53,10 +53,6 @@ MODES = {
     "bf16": ["precision=bf16", "solver.gap_precision=fp32"],
     "bf16_gap_compute": ["precision=bf16", "solver.gap_precision=compute"],
 }
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def one_run(config: Path, overrides: list[str], seed: int, steps: int, mode: str, tmp: Path) -> dict:
@@ -108,6 +104,7 @@ def run(config: str, seeds: list[int], steps: int, modes: list[str], out: Path, 
     if unknown:
         raise ValueError(f"unknown modes {unknown}: expected some of {', '.join(MODES)}")
     runs: dict[int, dict[str, dict]] = {}
+    machine = machine_info()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="scalebio-spread-") as tmp:
         for seed in seeds:
@@ -115,7 +112,7 @@ def run(config: str, seeds: list[int], steps: int, modes: list[str], out: Path, 
                 runs.setdefault(seed, {})[mode] = one_run(path, overrides or [], seed, steps, mode, Path(tmp))
                 log.info("spread: seed %d %s done in %.0f s", seed, mode, runs[seed][mode]["seconds"])
                 record = {
-                    "schema": "scalebio.bench/1", "experiment": "reweight_spread", "machine": machine_info(),
+                    "schema": "scalebio.bench/1", "experiment": "reweight_spread", "machine": machine,
                     "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
                     "settings": {"config": str(path.relative_to(REPO) if path.is_relative_to(REPO) else path),
                                  "overrides": overrides or [], "seeds": seeds, "steps": steps, "modes": modes,

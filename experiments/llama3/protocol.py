@@ -237,7 +237,6 @@ class Protocol:
         """unit.json: when, where and at which revision the unit ran, its wall time summed over its processes."""
         write_text(work / UNIT_FILE, json.dumps(unit_record(name, started, extra, work=work), indent=2) + "\n")
 
-
     def pool_unit(self) -> Unit:
         def run():
             subprocess.run([sys.executable, str(HERE / "build_pool.py"), "--out", str(self.pool),

@@ -510,12 +510,9 @@ class RunDir:
             fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_probe.", suffix=".probe")
             os.close(fd)
             os.unlink(probe)
-        except FileNotFoundError:
-            if not folder.exists():  # rank 0 removed it meanwhile (RunDir.clear): it is made again when needed
-                return
-            raise RunDirError(f"{folder}: not writable (No such file or directory); fix its permissions or choose "
-                              f"another run_dir") from None
         except OSError as e:
+            if isinstance(e, FileNotFoundError) and not folder.exists():
+                return  # rank 0 removed it meanwhile (RunDir.clear): it is made again when needed
             raise RunDirError(f"{folder}: not writable ({e.strerror or e}); fix its permissions or choose another "
                               f"run_dir") from None
 

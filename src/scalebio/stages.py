@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from .files import write_text
+
 log = logging.getLogger("scalebio.stages")
 
 
@@ -356,8 +358,6 @@ def counted(work: Path, started: float):
     try:
         yield
     except BaseException:
-        from .files import write_text
-
         earlier = earlier_processes(work)
         write_text(Path(work) / EARLIER_FILE, json.dumps({
             "processes": earlier["processes"] + 1,
@@ -374,7 +374,7 @@ def unit_record(name: str, started: float, extra: dict | None = None, work: Path
     from .results import git_revision
 
     record = {"unit": name, "git_revision": git_revision(), "host": socket.gethostname(), "started": _iso(started),
-              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "finished": _iso(time.time()),
               "wall_time_s": round(time.time() - started, 1), "cpu_bf16_flags": list(cpu_bf16_flags()), **(extra or {})}
     earlier = earlier_processes(work) if work is not None else {"processes": 0}
     if earlier["processes"]:
